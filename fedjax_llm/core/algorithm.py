@@ -1,0 +1,104 @@
+"""``FederatedAlgorithm``: a federated method as a NamedTuple of pure functions.
+
+Everything is written for ONE client; ``core/round.py`` is the only place that
+vmaps, chunks and (later) shards the client axis. The frozen base parameters are
+an explicit argument (``base``), passed once and never mapped over clients.
+
+  init(trainable, key)                         -> server_state
+  init_client(trainable, info)                 -> client_state            (no C axis)
+  client_update(base, server_state, client_state, batches, info, key)
+                                               -> (output, client_state, metrics)   (no C axis)
+  aggregate(server_state, outputs, weights)    -> (server_state, metrics)           (outputs: leading C axis)
+  eval_params(server_state)                    -> trainable used for global evaluation
+
+``weights`` are float32 [C]: the round passes each client's number of target
+tokens this round (0 for empty cohort slots); an algorithm may re-weight.
+Client metrics are float32 scalars; keys starting with ``sum_`` are summed over
+the cohort, all others are averaged with ``weights``.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_llm import tree as T
+from fedjax_llm.types import Array, ClientBatches
+
+
+class FederatedAlgorithm(NamedTuple):
+  name: str
+  init: Callable
+  init_client: Callable
+  client_update: Callable
+  aggregate: Callable
+  eval_params: Callable
+
+
+class ServerState(NamedTuple):
+  """Global trainable params, the server optimizer's state and the round counter."""
+
+  params: dict  # the global trainable pytree (e.g. LoRA factors at r_max)
+  opt_state: optax.OptState
+  round: Array  # int32 []
+
+
+def init_server_state(trainable: dict, server_optimizer: optax.GradientTransformation) -> ServerState:
+  return ServerState(params=trainable, opt_state=server_optimizer.init(trainable),
+                     round=jnp.zeros((), jnp.int32))
+
+
+def server_step(state: ServerState, aggregated: dict,
+                server_optimizer: optax.GradientTransformation) -> ServerState:
+  """Apply the server optimizer to the pseudo-gradient ``params - aggregated`` (FedOpt).
+
+  With ``optax.sgd(1.0)`` this is plain FedAvg: the new params equal ``aggregated``.
+  """
+  pseudo_grad = T.tree_sub(state.params, aggregated)
+  updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return ServerState(params=params, opt_state=opt_state, round=state.round + 1)
+
+
+LossFn = Callable  # loss(base, trainable, tokens[B,T], mask[B,T], key) -> (loss, aux{'nll_sum','tokens'})
+
+
+def local_training(loss_fn: LossFn, base, params: dict, optimizer: optax.GradientTransformation,
+                   batches: ClientBatches, num_steps: Array, key: Array,
+                   project: Callable[[dict], dict] | None = None) -> tuple[dict, dict]:
+  """Run ``S`` local optimizer steps with ``lax.scan``; steps ``>= num_steps`` are no-ops.
+
+  Args:
+    loss_fn: ``loss(base, params, tokens, mask, key) -> (scalar, aux)`` (aux has
+      ``nll_sum`` and ``tokens``); regularizers are added by the caller's loss.
+    project: applied to the params before every forward pass (e.g. a rank mask),
+      so parameters outside the projection get zero gradient.
+  Returns:
+    (final params, metrics) with ``loss`` = token-weighted mean training NLL over
+    the active steps, ``tokens`` = target tokens trained on.
+  """
+  project = project or (lambda p: p)
+  opt_state = optimizer.init(params)
+  num_steps_total = batches.tokens.shape[0]
+
+  def step(carry, xs):
+    params, opt_state = carry
+    i, tokens, mask = xs
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(base, project(p), tokens, mask, jax.random.fold_in(key, i)),
+                                 has_aux=True)
+    (_, aux), grads = grad_fn(params)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    active = i < num_steps
+    params = T.tree_where(active, new_params, params)
+    opt_state = T.tree_where(active, new_opt_state, opt_state)
+    af = active.astype(jnp.float32)
+    return (params, opt_state), (aux["nll_sum"] * af, aux["tokens"] * af)
+
+  (params, _), (nll, toks) = jax.lax.scan(
+      step, (params, opt_state), (jnp.arange(num_steps_total), batches.tokens, batches.mask))
+  total = jnp.sum(toks)
+  metrics = {"loss": jnp.sum(nll) / jnp.maximum(total, 1.0), "tokens": total}
+  return project(params), metrics

@@ -1,0 +1,126 @@
+"""LoRA (Hu et al., 2021, arXiv:2106.09685) as NNX modules and pure pytree helpers.
+
+A targeted linear layer computes ``y = x W + s (dropout(x) a) b`` with the frozen
+``W`` [d_in, d_out], trainable ``a`` [d_in, r_max] (uniform(+-1/sqrt(d_in)) init)
+and ``b`` [r_max, d_out] (zero init), ``s = alpha / r``. In the notation of
+``methods.md`` (``W + s B A`` acting on column vectors) ``A = a^T`` and ``B = b^T``.
+
+Heterogeneous ranks share one static shape: every client holds ``r_max`` columns
+and a rank ``r_k <= r_max`` is a mask (``rank_mask``) that zeroes ``a[:, r_k:]``
+and ``b[r_k:, :]``. Masking the factors *before* the forward pass also zeroes
+their gradients, so a client never trains outside its rank.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedjax_llm.types import Array
+
+
+class LoRA(nnx.Module):
+  """The low-rank branch ``s * (dropout(x) @ lora_a) @ lora_b`` of one linear layer."""
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
+               dropout: float = 0.0, rngs: nnx.Rngs):
+    bound = 1.0 / float(in_features) ** 0.5  # HF PEFT's kaiming_uniform(a=sqrt(5)) bound
+    self.lora_a = nnx.LoRAParam(
+        jax.random.uniform(rngs.params(), (in_features, rank), jnp.float32, -bound, bound))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), jnp.float32))
+    self.scale = float(alpha) / float(rank)
+    self.dropout = float(dropout)
+
+  def __call__(self, x: Array, *, dropout_key: Array | None = None) -> Array:
+    if self.dropout > 0.0 and dropout_key is not None:
+      keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
+    a = self.lora_a[...].astype(x.dtype)
+    b = self.lora_b[...].astype(x.dtype)
+    return ((x @ a) @ b) * jnp.asarray(self.scale, x.dtype)
+
+
+def _linear_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and hasattr(node, "kernel") and hasattr(node, "lora"):
+      yield "/".join(str(p) for p in path), node
+
+
+def apply_lora(model: nnx.Module, *, target: str = r"(q_proj|v_proj)$", rank: int = 8,
+               alpha: float = 16.0, dropout: float = 0.0, seed: int = 0) -> list[str]:
+  """Attach a LoRA branch to every linear layer whose path matches ``target``.
+
+  Returns the matched paths. Raises ``ValueError`` naming the available layers
+  when nothing matches, and when ``rank`` is not a positive integer.
+  """
+  if int(rank) != rank or rank < 1:
+    raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+  pattern = re.compile(target)
+  layers = list(_linear_layers(model))
+  matched = [(p, m) for p, m in layers if pattern.search(p)]
+  if not matched:
+    names = sorted({re.sub(r"/\d+/", "/<i>/", p) for p, _ in layers})
+    raise ValueError(f"LoRA target regex {target!r} matched no linear layer; layers are: {', '.join(names)}")
+  rngs = nnx.Rngs(params=seed)
+  for _, layer in matched:
+    d_in, d_out = layer.kernel.shape
+    layer.lora = nnx.data(LoRA(d_in, d_out, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs))
+  return [p for p, _ in matched]
+
+
+def lora_modules(tree: dict, prefix: str = "") -> Iterator[tuple[str, dict]]:
+  """Yield (path, {'lora_a', 'lora_b'}) for every LoRA module in a trainable tree."""
+  if isinstance(tree, dict):
+    if "lora_a" in tree and "lora_b" in tree:
+      yield prefix, tree
+      return
+    for k in sorted(tree):
+      yield from lora_modules(tree[k], f"{prefix}/{k}" if prefix else str(k))
+
+
+def map_lora(fn, tree: dict) -> dict:
+  """Rebuild ``tree`` with every LoRA module dict ``m`` replaced by ``fn(m)``; other leaves kept."""
+  if isinstance(tree, dict):
+    if "lora_a" in tree and "lora_b" in tree:
+      return fn(tree)
+    return {k: map_lora(fn, v) for k, v in tree.items()}
+  return tree
+
+
+def rank_vector(r_max: int, rank) -> Array:
+  """float32 [r_max]: 1 for the first ``rank`` components, else 0 (rank may be traced)."""
+  return (jnp.arange(r_max) < rank).astype(jnp.float32)
+
+
+def rank_mask(tree: dict, rank) -> dict:
+  """Zero every LoRA module outside rank ``rank``: a[:, rank:] = 0, b[rank:, :] = 0."""
+  def f(m):
+    v = rank_vector(m["lora_a"].shape[-1], rank)
+    return {**m, "lora_a": m["lora_a"] * v[None, :].astype(m["lora_a"].dtype),
+            "lora_b": m["lora_b"] * v[:, None].astype(m["lora_b"].dtype)}
+  return map_lora(f, tree)
+
+
+def max_rank(tree: dict) -> int:
+  ranks = {m["lora_a"].shape[-1] for _, m in lora_modules(tree)}
+  if len(ranks) != 1:
+    raise ValueError(f"expected one r_max across LoRA modules, found {sorted(ranks)}")
+  return ranks.pop()
+
+
+def lora_num_params(tree: dict, rank) -> Array:
+  """Number of LoRA parameters a client of rank ``rank`` holds (a[:, :r] and b[:r, :])."""
+  total = jnp.zeros((), jnp.float32)
+  for _, m in lora_modules(tree):
+    d_in, d_out = m["lora_a"].shape[0], m["lora_b"].shape[1]
+    total = total + jnp.asarray(rank, jnp.float32) * (d_in + d_out)
+  return total
+
+
+def delta_sq_norm(m: dict, scale: float = 1.0) -> Array:
+  """||scale * a @ b||_F^2 of one module, via the r x r Gram matrices (never forms d_in x d_out)."""
+  a, b = m["lora_a"].astype(jnp.float32), m["lora_b"].astype(jnp.float32)
+  return (scale ** 2) * jnp.sum((a.T @ a) * (b @ b.T))

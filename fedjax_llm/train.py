@@ -1,0 +1,341 @@
+"""``run(config, workdir)``: the only library code that reads a config.
+
+It turns the config into arguments for the model loader, the PEFT method, the
+federated data, the algorithm builder and the compiled round, then runs the
+rounds with evaluation, logging (progress bar, tensorboardX, metrics.jsonl),
+Orbax checkpoints with automatic resume, a NaN guard, ``summary.json`` and a
+loss-curve PNG.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flax import nnx
+
+from fedjax_llm import algorithms as algorithms_lib
+from fedjax_llm.algorithms.hetlora import sample_client_ranks
+from fedjax_llm import tree as T
+from fedjax_llm.checkpoint import Checkpointer
+from fedjax_llm.core import client_store as store_lib
+from fedjax_llm.core import sampling
+from fedjax_llm.core.round import CohortData, build_round
+from fedjax_llm.data import federated
+from fedjax_llm.peft import lora as lora_lib
+from fedjax_llm.peft.base import make_lm_loss, split_model, token_nll
+
+jax.config.update("jax_threefry_partitionable", True)  # stable seed replay across jax versions
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot continue (NaN loss, ...); the message says why and what was kept."""
+
+
+# ----------------------------------------------------------------------------- config -> objects
+
+
+def _choice(kind: str, value: str, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+def make_client_optimizer(c) -> optax.GradientTransformation:
+  builders = {
+      "sgd": lambda: optax.sgd(c.learning_rate, momentum=c.momentum or None),
+      "adam": lambda: optax.adam(c.learning_rate),
+      "adamw": lambda: optax.adamw(c.learning_rate, weight_decay=c.weight_decay),
+  }
+  _choice("client optimizer", c.name, builders)
+  opt = builders[c.name]()
+  if c.grad_clip and c.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
+  return opt
+
+
+def make_server_optimizer(c) -> optax.GradientTransformation:
+  """FedOpt (Reddi et al., 2021): an optax optimizer on the pseudo-gradient."""
+  builders = {
+      "fedavg": lambda: optax.sgd(c.learning_rate),
+      "fedavgm": lambda: optax.sgd(c.learning_rate, momentum=c.momentum),
+      "fedadam": lambda: optax.adam(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps),
+      "fedyogi": lambda: optax.yogi(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps),
+      "fedadagrad": lambda: optax.adagrad(c.learning_rate, initial_accumulator_value=0.0, eps=c.eps),
+  }
+  _choice("server optimizer", c.name, builders)
+  return builders[c.name]()
+
+
+def load_model(model_cfg, seed: int):
+  """(nnx model, tokenizer) for ``model_cfg.name``."""
+  from fedjax_llm import models
+  if model_cfg.name == "tiny-random":
+    return models.tiny_random_with_byte_tokenizer(seed=seed, dtype=model_cfg.dtype, remat=model_cfg.remat)
+  return models.load_pretrained(model_cfg.name, dtype=model_cfg.dtype, remat=model_cfg.remat, seed=seed)
+
+
+def load_data(data_cfg, tokenizer, max_len: int):
+  from fedjax_llm.data import federated, shakespeare
+  _choice("dataset", data_cfg.dataset, {"shakespeare"})
+  if data_cfg.seq_len > max_len:
+    raise ValueError(f"data.seq_len={data_cfg.seq_len} is longer than the model's context "
+                     f"({max_len} tokens); allowed: 2..{max_len}")
+  if data_cfg.seq_len < 2:
+    raise ValueError(f"data.seq_len={data_cfg.seq_len} must be >= 2 (a token and its successor)")
+  clients = shakespeare.load_shakespeare(min_chars=data_cfg.min_chars, heldout_fraction=data_cfg.heldout_fraction,
+                                         plays=list(data_cfg.plays) or None)
+  if not clients:
+    raise ValueError(f"no Shakespeare client has >= {data_cfg.min_chars} characters; lower data.min_chars")
+  return federated.FederatedTokenData.from_texts(
+      clients, tokenizer.encode, tokenizer.eos_id, data_cfg.seq_len,
+      max_train_seqs_per_client=data_cfg.max_train_seqs_per_client or None)
+
+
+def make_algorithm(config, loss_fn, num_clients: int):
+  builder = algorithms_lib.get_algorithm(config.algorithm)
+  kwargs: dict[str, Any] = dict(client_optimizer=make_client_optimizer(config.client_optimizer),
+                                server_optimizer=make_server_optimizer(config.server_optimizer))
+  if config.algorithm == "hetlora":
+    h = config.hetlora
+    bad = [r for r in h.rank_choices if r > config.lora.rank]
+    if bad:
+      raise ValueError(f"hetlora.rank_choices {tuple(h.rank_choices)} has rank {max(bad)} > r_max "
+                       f"lora.rank={config.lora.rank}; allowed ranks: 1..{config.lora.rank}")
+    kwargs.update(client_ranks=sample_client_ranks(
+        num_clients, rank_choices=h.rank_choices, rank_probs=h.rank_probs, seed=config.seed),
+        r_max=config.lora.rank, prune_gamma=h.prune_gamma, prune_lambda=h.prune_lambda,
+        min_rank=h.min_rank, lora_scale=config.lora.alpha / config.lora.rank)
+  return builder(loss_fn, **kwargs)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def build_eval(peft, batch_size: int):
+  """jit(base, trainable, tokens[N,T], mask[N,T]) -> (nll_sum, tokens), N a multiple of batch_size."""
+
+  @jax.jit
+  def evaluate(base, trainable, tokens, mask):
+    n = tokens.shape[0]
+    tb = tokens.reshape((n // batch_size, batch_size) + tokens.shape[1:])
+    mb = mask.reshape((n // batch_size, batch_size) + mask.shape[1:])
+
+    def body(carry, xs):
+      logits = peft.apply(base, trainable, xs[0])
+      s, c = token_nll(logits, xs[0], xs[1])
+      return (carry[0] + s, carry[1] + c), None
+
+    (s, c), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (tb, mb))
+    return s, c
+
+  return evaluate
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+class _Logger:
+  def __init__(self, workdir: str, start_round: int):
+    from tensorboardX import SummaryWriter
+    self.writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_round)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    rows = []
+    if os.path.exists(self.path):  # resume: drop rows past the restored round
+      with open(self.path) as f:
+        rows = [json.loads(l) for l in f if l.strip()]
+      rows = [r for r in rows if r["round"] <= start_round]
+    self.rows = rows
+    self._rewrite()
+
+  def _rewrite(self):
+    with open(self.path, "w") as f:
+      for r in self.rows:
+        f.write(json.dumps(r) + "\n")
+
+  def log(self, round_idx: int, scalars: dict):
+    row = {"round": round_idx, **{k: float(v) for k, v in scalars.items()}}
+    self.rows.append(row)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in scalars.items():
+      self.writer.add_scalar(k, float(v), round_idx)
+    self.writer.flush()
+
+  def close(self):
+    self.writer.close()
+
+
+def plot_curves(rows: list[dict], path: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  tr = [(r["round"], r["train/loss"]) for r in rows if "train/loss" in r]
+  ev = [(r["round"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+  if tr:
+    ax.plot(*zip(*tr), label="train loss (cohort, during local training)", alpha=0.7)
+  if ev:
+    ax.plot(*zip(*ev), "o-", label="held-out loss (global model)")
+  ax.set_xlabel("round")
+  ax.set_ylabel("next-token NLL (nats)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | None = None) -> dict:
+  """Train ``config`` in ``workdir``; resumes from the latest checkpoint there.
+
+  Args:
+    stop_after_round: stop (as if killed) right after this round is done and
+      checkpointed, without the final evaluation (for resume tests).
+  Returns:
+    the summary dict (also written to ``workdir/summary.json``).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.time()
+  fl = config.fl
+  if fl.cohort_size < 1 or fl.chunk_size < 1 or fl.local_steps < 1 or fl.batch_size < 1:
+    raise ValueError(f"fl.cohort_size, fl.chunk_size, fl.local_steps, fl.batch_size must be >= 1, got "
+                     f"{fl.cohort_size}, {fl.chunk_size}, {fl.local_steps}, {fl.batch_size}")
+  algorithms_lib.get_algorithm(config.algorithm)  # fail fast on an unknown name
+
+  # Model + PEFT.
+  model, tokenizer = load_model(config.model, config.seed)
+  max_len = model.config.max_position_embeddings
+  lora_paths = lora_lib.apply_lora(model, target=config.lora.target, rank=config.lora.rank,
+                                   alpha=config.lora.alpha, dropout=config.lora.dropout, seed=config.seed)
+  peft, base, trainable = split_model(model, nnx.LoRAParam)
+  del model
+
+  # Data.
+  data = load_data(config.data, tokenizer, max_len)
+  num_clients = data.num_clients
+  if fl.cohort_size > num_clients:
+    raise ValueError(f"fl.cohort_size={fl.cohort_size} > number of clients {num_clients}")
+  padded_c = sampling.padded_cohort_size(fl.cohort_size, fl.chunk_size)
+  eval_ids = federated.select_eval_clients(num_clients, min(config.eval.num_clients, num_clients), config.seed)
+  ev = federated.pad_to_multiple(data.eval_batches(eval_ids, config.eval.max_seqs_per_client),
+                                 config.eval.batch_size)
+  eval_tokens, eval_mask = jnp.asarray(ev["tokens"]), jnp.asarray(ev["mask"])
+
+  # Algorithm, state, compiled round.
+  loss_fn = make_lm_loss(peft)
+  algorithm = make_algorithm(config, loss_fn, num_clients)
+  key = jax.random.key(config.seed)
+  server_state = algorithm.init(trainable, jax.random.fold_in(key, 1))
+  client_store = store_lib.init_store(algorithm.init_client, trainable, num_clients)
+  round_step = build_round(algorithm, chunk_size=fl.chunk_size)
+  evaluate = build_eval(peft, config.eval.batch_size)
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  start = ckpt.latest_round() or 0
+  if start:
+    (server_state, client_store), _ = ckpt.restore(start, (server_state, client_store))
+  logger = _Logger(workdir, start)
+  setup_s = time.time() - t_start
+
+  def run_eval(r: int) -> dict:
+    s, c = evaluate(base, algorithm.eval_params(server_state), eval_tokens, eval_mask)
+    loss = float(s) / max(float(c), 1.0)
+    out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    logger.log(r, out)
+    return out
+
+  trainable_bytes = T.tree_bytes(trainable)
+  print(f"[fedjax_llm] {config.algorithm}: model={config.model.name} LoRA on {len(lora_paths)} layers "
+        f"({T.tree_size(trainable):,} trainable params), {num_clients} clients, cohort {fl.cohort_size} "
+        f"(chunk {fl.chunk_size}), {fl.local_steps}x{fl.batch_size}x{config.data.seq_len} tokens/client/round; "
+        f"setup {setup_s:.1f}s" + (f"; resumed at round {start}" if start else ""), flush=True)
+
+  last_eval = run_eval(start) if start == 0 else {}
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=fl.num_rounds, initial=start, desc=config.algorithm, unit="round", dynamic_ncols=True)
+  train_loss = float("nan")
+  round_times = []
+  for r in range(start, fl.num_rounds):
+    t0 = time.time()
+    ids = sampling.sample_cohort(num_clients, fl.cohort_size, seed=config.seed, round_idx=r, padded_size=padded_c)
+    b = data.client_batches(ids, fl.local_steps, fl.batch_size, config.seed, r)
+    cohort = CohortData(tokens=jnp.asarray(b["tokens"]), mask=jnp.asarray(b["mask"]),
+                        num_steps=jnp.asarray(b["num_steps"]), num_tokens=jnp.asarray(b["num_tokens"]))
+    new_server, new_store, metrics = round_step(base, server_state, client_store, jnp.asarray(ids), cohort,
+                                                jax.random.fold_in(key, 1000 + r))
+    metrics = jax.device_get(metrics)
+    dt = time.time() - t0
+    train_loss = float(metrics["train_loss"])
+    if not (math.isfinite(train_loss) and bool(T.tree_all_finite(new_server.params))):
+      kept = ckpt.latest_round()
+      if bar is not None:
+        bar.close()
+      raise TrainingError(f"non-finite training loss ({train_loss}) or parameters at round {r + 1}; "
+                          f"stopping. Last good checkpoint: "
+                          f"{'round ' + str(kept) if kept else 'none'} in {ckpt.directory} "
+                          f"(lower client_optimizer.learning_rate={config.client_optimizer.learning_rate} "
+                          f"or enable grad_clip)")
+    server_state, client_store = new_server, new_store
+    round_times.append(dt)
+    done = r + 1
+    scalars = {"train/loss": train_loss, "round_time_s": dt,
+               "tokens_per_s": float(metrics["sum_tokens"]) / dt,
+               "comm/bytes_up": float(metrics["sum_bytes_up"]), "comm/bytes_down": float(metrics["sum_bytes_down"]),
+               "server/update_norm": float(metrics["update_norm"])}
+    for k in ("rank", "sum_pruned"):
+      if k in metrics:
+        scalars[f"clients/{k}"] = float(metrics[k])
+    if done % config.log_every == 0 or done == fl.num_rounds:
+      logger.log(done, scalars)
+    if done % config.eval.every == 0 or done == fl.num_rounds:
+      last_eval = run_eval(done)
+    if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == fl.num_rounds:
+      ckpt.save(done, (server_state, client_store), {"round": done})
+    if bar is not None:
+      bar.set_postfix(loss=f"{train_loss:.3f}", heldout=f"{last_eval.get('eval/loss', float('nan')):.3f}",
+                      round_s=f"{dt:.2f}")
+      bar.update(1)
+    if stop_after_round is not None and done >= stop_after_round and done < fl.num_rounds:
+      if bar is not None:
+        bar.close()
+      ckpt.save(done, (server_state, client_store), {"round": done})
+      logger.close()
+      ckpt.close()
+      return {"stopped_at_round": done}
+  if bar is not None:
+    bar.close()
+
+  evals = [row for row in logger.rows if "eval/loss" in row]
+  summary = {
+      "algorithm": config.algorithm, "model": config.model.name, "rounds": fl.num_rounds,
+      "num_clients": num_clients, "cohort_size": fl.cohort_size,
+      "final_eval_loss": evals[-1]["eval/loss"] if evals else None,
+      "final_eval_perplexity": evals[-1]["eval/perplexity"] if evals else None,
+      "initial_eval_loss": evals[0]["eval/loss"] if evals else None,
+      "final_train_loss": train_loss,
+      "trainable_params": T.tree_size(trainable), "trainable_bytes": trainable_bytes,
+      "mean_round_time_s": float(np.mean(round_times[1:] if len(round_times) > 1 else round_times))
+      if round_times else None,
+      "total_wall_s": time.time() - t_start,
+      "final_params_checksum": float(sum(float(jnp.sum(jnp.abs(x))) for x in
+                                         jax.tree.leaves(algorithm.eval_params(server_state)))),
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  plot_curves(logger.rows, os.path.join(workdir, "loss.png"), f"{config.algorithm} on {config.model.name}")
+  logger.close()
+  ckpt.close()
+  return summary
