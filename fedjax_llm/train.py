@@ -76,8 +76,12 @@ def make_server_optimizer(c) -> optax.GradientTransformation:
 def load_model(model_cfg, seed: int):
   """(nnx model, tokenizer) for ``model_cfg.name``."""
   from fedjax_llm import models
-  if model_cfg.name == "tiny-random":
-    return models.tiny_random_with_byte_tokenizer(seed=seed, dtype=model_cfg.dtype, remat=model_cfg.remat)
+  if model_cfg.name == "tiny-random":  # tests and smoke runs only: a random 2-layer Llama over bytes
+    from fedjax_llm.models.byte_tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    cfg = models.tiny_llama_config(vocab_size=tok.vocab_size, max_position_embeddings=256,
+                                   dtype=model_cfg.dtype, remat=model_cfg.remat)
+    return models.random_llama(cfg, seed=seed), tok
   return models.load_pretrained(model_cfg.name, dtype=model_cfg.dtype, remat=model_cfg.remat, seed=seed)
 
 
@@ -302,16 +306,16 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
       logger.log(done, scalars)
     if done % config.eval.every == 0 or done == fl.num_rounds:
       last_eval = run_eval(done)
-    if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == fl.num_rounds:
+    stopping = stop_after_round is not None and done >= stop_after_round and done < fl.num_rounds
+    if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == fl.num_rounds or stopping:
       ckpt.save(done, (server_state, client_store), {"round": done})
     if bar is not None:
       bar.set_postfix(loss=f"{train_loss:.3f}", heldout=f"{last_eval.get('eval/loss', float('nan')):.3f}",
                       round_s=f"{dt:.2f}")
       bar.update(1)
-    if stop_after_round is not None and done >= stop_after_round and done < fl.num_rounds:
+    if stopping:  # simulate a kill right after this round's checkpoint (tests)
       if bar is not None:
         bar.close()
-      ckpt.save(done, (server_state, client_store), {"round": done})
       logger.close()
       ckpt.close()
       return {"stopped_at_round": done}

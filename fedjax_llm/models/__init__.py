@@ -19,7 +19,6 @@ from flax import nnx
 
 from fedjax_llm.models.gguf import load_gguf, permute_qk, unpermute_qk
 from fedjax_llm.models.hf import (
-    base_param_items,
     config_from_hf,
     config_to_hf,
     hf_name_for_path,
@@ -32,6 +31,7 @@ from fedjax_llm.models.hf import (
 from fedjax_llm.models.layers import Embed, Linear, RMSNorm
 from fedjax_llm.models.llama import (
     Llama,
+    base_param_items,
     LlamaConfig,
     count_params,
     greedy_generate,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedjax_llm.models.llama import LlamaConfig
+from fedjax_llm.models.llama import LlamaConfig, base_param_items
 from fedjax_llm.models.tokenizer import Tokenizer
 
 __all__ = [
@@ -273,16 +273,6 @@ def hf_name_for_path(path: tuple) -> tuple[str, bool]:
     if leaf == "bias":
         return ".".join(prefix + ["bias"]), False
     raise KeyError(f"no Hugging Face name for parameter path {'/'.join(map(str, path))!r}")
-
-
-def base_param_items(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
-    """(path, Variable) of the base-model parameters: exactly ``nnx.Param`` (not subclasses such as
-    ``nnx.LoRAParam``) and not under an attribute named ``lora``."""
-    items = []
-    for path, node in nnx.iter_graph(model):
-        if type(node) is nnx.Param and "lora" not in (str(p) for p in path):
-            items.append((tuple(path), node))
-    return items
 
 
 def load_state_dict_into(

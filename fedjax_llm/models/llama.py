@@ -37,6 +37,7 @@ __all__ = [
     "LlamaAttention",
     "LlamaMLP",
     "count_params",
+    "base_param_items",
     "llama_flops_per_token",
     "rope_inv_freq",
     "greedy_generate",
@@ -318,11 +319,21 @@ class Llama(nnx.Module):
 
     @property
     def param_count(self) -> int:
-        """Number of base parameters (``nnx.Param`` leaves, LoRA/adapter params excluded)."""
-        return count_params(self, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+        """Number of base-model parameters (see ``base_param_items``; adapters excluded)."""
+        return int(sum(int(np.prod(v.shape)) for _, v in base_param_items(self)))
 
 
 # ----------------------------------------------------------------------------- utilities
+
+
+def base_param_items(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
+    """(path, Variable) of the base-model parameters: variables of type exactly ``nnx.Param``
+    (not subclasses such as ``nnx.LoRAParam``) that are not under an attribute named ``lora``."""
+    items = []
+    for path, node in nnx.iter_graph(model):
+        if type(node) is nnx.Param and "lora" not in (str(p) for p in path):
+            items.append((tuple(path), node))
+    return items
 
 
 def count_params(model: nnx.Module, filter: Any = nnx.Param) -> int:

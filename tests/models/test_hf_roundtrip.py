@@ -1,7 +1,6 @@
 """Checkpoint I/O round trips: HF safetensors dirs, GGUF files (written here), Q/K permutation, errors."""
 
 import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +52,9 @@ CONFIGS = {
     "untied": dict(tie_word_embeddings=False),
     "qwen2_bias": dict(tie_word_embeddings=False, attention_bias=True, attention_out_bias=False, model_type="qwen2"),
     "llama_bias": dict(attention_bias=True, attention_out_bias=True, mlp_bias=True),
+    "llama3_rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral_window": dict(model_type="mistral", sliding_window=4),
 }
 
 

@@ -53,6 +53,8 @@ def np_llama(model: Llama, tokens: np.ndarray) -> np.ndarray:
     pos = np.arange(T, dtype=np.float64)
     G = c.num_heads // c.num_kv_heads
     causal = np.tril(np.ones((T, T), bool))
+    if c.sliding_window is not None:  # key j visible from query i iff i - W < j <= i
+        causal &= np.triu(np.ones((T, T), bool), -(c.sliding_window - 1))
     for layer in model.model.layers:
         a = layer.self_attn
         x = np_rmsnorm(h, _np(layer.input_layernorm.weight), c.rms_norm_eps)
@@ -144,6 +146,17 @@ def test_numpy_parity(tied, kv_heads):
     for b in range(2):
         ref = np_llama(m, np.asarray(toks[b]))
         np.testing.assert_allclose(out[b], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_numpy_parity_sliding_window():
+    cfg = tiny_llama_config(sliding_window=3, model_type="mistral")
+    m = _perturb_norms(random_llama(cfg, 14))
+    toks = _tokens(1, 10, cfg.vocab_size, seed=14)
+    out = np.asarray(m(toks))[0]
+    np.testing.assert_allclose(out, np_llama(m, np.asarray(toks[0])), atol=1e-5, rtol=1e-5)
+    full = np.asarray(nnx.merge(nnx.split(random_llama(cfg.replace(sliding_window=None), 0))[0], nnx.state(m))(toks))[0]
+    np.testing.assert_allclose(full[:3], out[:3], atol=1e-5)  # identical inside the window
+    assert np.abs(full[3:] - out[3:]).max() > 1e-4
 
 
 def test_numpy_parity_with_biases():
@@ -275,9 +288,10 @@ def test_vmap_over_lora_states_with_shared_base(remat):
     val, grads = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(0, None, None, 0)))(stacked, base_state, toks, keys)
     assert val.shape == (C,)
     assert np.isfinite(np.asarray(val)).all()
+    loss_jit = jax.jit(loss)
     for i in range(C):
         lora_i = jax.tree_util.tree_map(lambda x: x[i], stacked)
-        np.testing.assert_allclose(float(val[i]), float(loss(lora_i, base_state, toks, keys[i])), rtol=1e-5)
+        np.testing.assert_allclose(float(val[i]), float(loss_jit(lora_i, base_state, toks, keys[i])), rtol=1e-5)
     leaves = jax.tree_util.tree_leaves(grads)
     assert all(l.shape[0] == C and np.isfinite(np.asarray(l)).all() for l in leaves)
     assert len(set(float(v) for v in np.asarray(val))) == C  # different adapters -> different losses
