@@ -106,7 +106,8 @@ def bench_one(model_name, cfg, peft, base, trainable, c, *, steps, batch, seq, c
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  # XLA's cost analysis counts a while-loop body once: scale by the chunk loop and the local-step loop.
+  xla_flops = float(cost.get("flops", float("nan"))) * (c // chunk) * steps if cost else float("nan")
   t_round = time_round(compiled_step, base, server, ids, data, rounds)
   row = {
       "model": model_name, "clients": c, "chunk": chunk, "tokens_per_round": tokens,
@@ -153,11 +154,14 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default="tiny,smollm2")
   p.add_argument("--cohorts", default="8,64,256,1024", help="cohort sizes for the tiny model")
-  p.add_argument("--smollm2-cohorts", default="8,64", help="cohort sizes for SmolLM2 (CPU time grows linearly)")
+  p.add_argument("--smollm2-cohorts", default="8,16,64", help="cohort sizes for SmolLM2 (CPU time grows linearly)")
+  p.add_argument("--xdev-cohorts", default="256,1024",
+                 help="cross-device regime (tiny model, a few short sequences per client): cohort sizes")
+  p.add_argument("--xdev-shape", default="1,2,16", help="local steps, batch, seq in the cross-device regime")
   p.add_argument("--tiny-shape", default="2,2,32", help="local steps, batch, seq for the tiny model")
   p.add_argument("--smollm2-shape", default="1,2,64", help="local steps, batch, seq for SmolLM2")
   p.add_argument("--chunk", type=int, default=64, help="clients vmapped together (tiny model)")
-  p.add_argument("--smollm2-chunk", type=int, default=8, help="clients vmapped together (SmolLM2)")
+  p.add_argument("--smollm2-chunk", type=int, default=4, help="clients vmapped together (SmolLM2)")
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--rounds", type=int, default=3, help="timed rounds per point (median)")
@@ -167,11 +171,20 @@ def main(argv=None):
 
   peak = measure_matmul_peak()
   rows = []
+  plan = []  # (model, cohorts, shape, chunk)
   for name in args.models.split(","):
-    cfg, peft, base, trainable = make_model(name, args.rank, args.dtype)
-    cohorts = args.cohorts if name == "tiny" else args.smollm2_cohorts
-    steps, batch, seq = (int(x) for x in (args.tiny_shape if name == "tiny" else args.smollm2_shape).split(","))
-    chunk = args.chunk if name == "tiny" else args.smollm2_chunk
+    if name == "tiny":
+      plan += [("tiny", args.cohorts, args.tiny_shape, args.chunk), ("tiny", args.xdev_cohorts, args.xdev_shape, args.chunk)]
+    elif name == "smollm2":
+      plan.append(("smollm2", args.smollm2_cohorts, args.smollm2_shape, args.smollm2_chunk))
+    else:
+      raise SystemExit(f"unknown model {name!r}; allowed: tiny, smollm2")
+  models = {}
+  for name, cohorts, shape, chunk in plan:
+    if name not in models:
+      models = {name: make_model(name, args.rank, args.dtype)}  # one base model in memory at a time
+    cfg, peft, base, trainable = models[name]
+    steps, batch, seq = (int(x) for x in shape.split(","))
     for c in (int(x) for x in cohorts.split(",") if x):
       row = bench_one(name, cfg, peft, base, trainable, c, steps=steps, batch=batch, seq=seq, chunk=chunk,
                       peak=peak, rounds=args.rounds, loop=c <= args.loop_max_clients)

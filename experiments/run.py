@@ -117,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
   from fedjax_llm import train
   try:
     summary = train.run(config, args.workdir, progress=not args.no_progress)
-  except (ValueError, train.TrainingError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ValueError, KeyError, ImportError, FileNotFoundError, train.TrainingError) as e:
+    # Bad input and stopped runs are one line (set FEDJAX_LLM_DEBUG=1 for the traceback).
+    if os.environ.get("FEDJAX_LLM_DEBUG"):
+      raise
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"error: {msg}", file=sys.stderr)
     return 2
   print(f"[fedjax_llm] done: held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f} "
         f"(perplexity {summary['final_eval_perplexity']:.2f}); outputs in {args.workdir} "
