@@ -75,7 +75,8 @@ def cohort_data(c: int, steps: int, batch: int, seq: int, vocab: int, seed: int 
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(0, vocab, (c, steps, batch, seq)), jnp.int32)
   mask = jnp.ones((c, steps, batch, seq), jnp.float32)
-  return CohortData(tokens, mask, jnp.full((c,), steps, jnp.int32), jnp.full((c,), steps * batch * (seq - 1), jnp.float32))
+  ntok = jnp.full((c,), steps * batch * (seq - 1), jnp.float32)
+  return CohortData(tokens, mask, jnp.full((c,), steps, jnp.int32), ntok, ntok)
 
 
 def time_round(step, base, server, ids, data, rounds: int) -> float:

@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fl.chunk_size = 4  # clients vmapped together; the cohort runs as cohort/chunk sequential chunks (~512 tokens per chunk is fastest on CPU caches)
   c.fl.local_steps = 2  # local optimizer steps per client per round (S)
   c.fl.batch_size = 2  # sequences per local step (B)
+  c.fl.client_weighting = "dataset_tokens"  # aggregation weight p_k: "dataset_tokens" (FedAvg n_k) | "round_tokens" | "uniform"
 
   c.client_optimizer = ml_collections.ConfigDict()
   c.client_optimizer.name = "adamw"  # "sgd" | "adam" | "adamw"

@@ -119,6 +119,27 @@ def make_algorithm(config, loss_fn, num_clients: int):
   return builder(loss_fn, **kwargs)
 
 
+WEIGHTINGS = ("dataset_tokens", "round_tokens", "uniform")
+
+
+def client_weights(kind: str, ids: np.ndarray, round_tokens: np.ndarray, dataset_tokens: np.ndarray) -> np.ndarray:
+  """Unnormalized aggregation weights p_k of a cohort (0 for empty slots).
+
+  ``dataset_tokens``: the client's training-set size in tokens (FedAvg's n_k);
+  ``round_tokens``: target tokens it trained on this round; ``uniform``: 1 each.
+  """
+  present = ids >= 0
+  if kind == "dataset_tokens":
+    w = dataset_tokens[np.maximum(ids, 0)].astype(np.float32)
+  elif kind == "round_tokens":
+    w = np.asarray(round_tokens, np.float32)
+  elif kind == "uniform":
+    w = np.ones(ids.shape, np.float32)
+  else:
+    raise ValueError(f"unknown fl.client_weighting {kind!r}; allowed: {', '.join(WEIGHTINGS)}")
+  return np.where(present, w, 0.0).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -216,6 +237,7 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
     raise ValueError(f"fl.cohort_size, fl.chunk_size, fl.local_steps, fl.batch_size must be >= 1, got "
                      f"{fl.cohort_size}, {fl.chunk_size}, {fl.local_steps}, {fl.batch_size}")
   algorithms_lib.get_algorithm(config.algorithm)  # fail fast on an unknown name
+  _choice("fl.client_weighting", fl.client_weighting, WEIGHTINGS)
 
   # Model + PEFT.
   model, tokenizer = load_model(config.model, config.seed)
@@ -277,7 +299,9 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
     ids = sampling.sample_cohort(num_clients, fl.cohort_size, seed=config.seed, round_idx=r, padded_size=padded_c)
     b = data.client_batches(ids, fl.local_steps, fl.batch_size, config.seed, r)
     cohort = CohortData(tokens=jnp.asarray(b["tokens"]), mask=jnp.asarray(b["mask"]),
-                        num_steps=jnp.asarray(b["num_steps"]), num_tokens=jnp.asarray(b["num_tokens"]))
+                        num_steps=jnp.asarray(b["num_steps"]), num_tokens=jnp.asarray(b["num_tokens"]),
+                        weights=jnp.asarray(client_weights(fl.client_weighting, ids, b["num_tokens"],
+                                                            data.num_train_tokens)))
     new_server, new_store, metrics = round_step(base, server_state, client_store, jnp.asarray(ids), cohort,
                                                 jax.random.fold_in(key, 1000 + r))
     metrics = jax.device_get(metrics)

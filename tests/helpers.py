@@ -39,7 +39,8 @@ def random_cohort(ids, *, steps=2, batch=2, seq=16, vocab=97, seed=0, num_steps=
   ns = np.full((c,), steps, np.int32) if num_steps is None else np.asarray(num_steps, np.int32)
   ns = np.where(ids < 0, 0, ns)
   ntok = (mask[..., 1:] * (np.arange(steps)[None, :, None, None] < ns[:, None, None, None])).sum(axis=(1, 2, 3))
-  return CohortData(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(ns), jnp.asarray(ntok.astype(np.float32)))
+  ntok = jnp.asarray(ntok.astype(np.float32))
+  return CohortData(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(ns), ntok, ntok)
 
 
 def sgd(lr=0.1):

@@ -128,3 +128,14 @@ def test_empty_client_is_a_clear_error():
   clients = [ClientText("play/A", "Some words here.", "More."), ClientText("play/B", "", "x")]
   with pytest.raises(ValueError, match=r"client 'play/B' has no training tokens"):
     federated.FederatedTokenData.from_texts(clients, lambda s: list(s.encode()), 257, 8)
+
+
+def test_client_weights_by_hand():
+  import numpy as np
+  ids = np.array([2, 0, -1])
+  dataset = np.array([10, 20, 30])
+  np.testing.assert_array_equal(train.client_weights("dataset_tokens", ids, np.array([5, 6, 0]), dataset), [30, 10, 0])
+  np.testing.assert_array_equal(train.client_weights("round_tokens", ids, np.array([5, 6, 0]), dataset), [5, 6, 0])
+  np.testing.assert_array_equal(train.client_weights("uniform", ids, np.array([5, 6, 0]), dataset), [1, 1, 0])
+  with pytest.raises(ValueError, match="unknown fl.client_weighting 'size'; allowed: dataset_tokens, round_tokens"):
+    train.client_weights("size", ids, np.zeros(3), dataset)

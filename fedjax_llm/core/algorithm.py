@@ -11,10 +11,11 @@ an explicit argument (``base``), passed once and never mapped over clients.
   aggregate(server_state, outputs, weights)    -> (server_state, metrics)           (outputs: leading C axis)
   eval_params(server_state)                    -> trainable used for global evaluation
 
-``weights`` are float32 [C]: the round passes each client's number of target
-tokens this round (0 for empty cohort slots); an algorithm may re-weight.
-Client metrics are float32 scalars; keys starting with ``sum_`` are summed over
-the cohort, all others are averaged with ``weights``.
+``weights`` are float32 [C], unnormalized: the cohort's aggregation weights p_k
+(by default the client's number of training tokens, FedAvg's n_k; 0 for empty
+cohort slots); an algorithm may re-weight. Client metrics are float32 scalars;
+keys starting with ``sum_`` are summed over the cohort, all others are averaged
+weighted by the client's target tokens this round.
 """
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ class CohortData(NamedTuple):
   mask: Array  # float32 [C, S, B, T]
   num_steps: Array  # int32 [C]: local steps per client (0 for empty slots)
   num_tokens: Array  # float32 [C]: target tokens per client this round (0 for empty slots)
+  weights: Array  # float32 [C]: aggregation weights p_k before normalization (0 for empty slots)
 
 
 def reduce_client_metrics(metrics: dict, weights: Array) -> dict:
@@ -89,10 +90,10 @@ def build_round(algorithm: FederatedAlgorithm, *, chunk_size: int, donate: bool 
     outputs, new_states, client_metrics = run_clients(
         algorithm, base, server_state, client_states, cohort_ids, data, rng, chunk_size)
     present = (cohort_ids >= 0).astype(jnp.float32)
-    weights = data.num_tokens.astype(jnp.float32) * present
+    weights = data.weights.astype(jnp.float32) * present
     server_state, server_metrics = algorithm.aggregate(server_state, outputs, weights)
     client_store = store_lib.scatter(client_store, cohort_ids, new_states)
-    metrics = reduce_client_metrics(client_metrics, weights)
+    metrics = reduce_client_metrics(client_metrics, data.num_tokens.astype(jnp.float32) * present)
     metrics.update(server_metrics)
     metrics["clients"] = jnp.sum(present)
     return server_state, client_store, metrics
@@ -109,12 +110,11 @@ def build_sequential_round(algorithm: FederatedAlgorithm) -> Callable:
   client_step = jax.jit(_client_fn(algorithm))
 
   @jax.jit
-  def finish(server_state, client_store, cohort_ids, outputs, new_states, client_metrics, num_tokens):
+  def finish(server_state, client_store, cohort_ids, outputs, new_states, client_metrics, num_tokens, weights):
     present = (cohort_ids >= 0).astype(jnp.float32)
-    weights = num_tokens.astype(jnp.float32) * present
-    server_state, server_metrics = algorithm.aggregate(server_state, outputs, weights)
+    server_state, server_metrics = algorithm.aggregate(server_state, outputs, weights.astype(jnp.float32) * present)
     client_store = store_lib.scatter(client_store, cohort_ids, new_states)
-    metrics = reduce_client_metrics(client_metrics, weights)
+    metrics = reduce_client_metrics(client_metrics, num_tokens.astype(jnp.float32) * present)
     metrics.update(server_metrics)
     metrics["clients"] = jnp.sum(present)
     return server_state, client_store, metrics
@@ -129,6 +129,7 @@ def build_sequential_round(algorithm: FederatedAlgorithm) -> Callable:
       results.append(client_step(base, server_state, state_c, data.tokens[c], data.mask[c], info,
                                  jax.random.fold_in(rng, cid)))
     outputs, new_states, client_metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
-    return finish(server_state, client_store, cohort_ids, outputs, new_states, client_metrics, data.num_tokens)
+    return finish(server_state, client_store, cohort_ids, outputs, new_states, client_metrics, data.num_tokens,
+                  data.weights)
 
   return round_step

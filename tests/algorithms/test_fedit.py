@@ -24,7 +24,7 @@ def _client_params(algorithm, base, server, ids, data, key):
   return outs
 
 
-def test_fedit_aggregate_is_token_weighted_mean_of_factors():
+def test_fedit_aggregate_is_weighted_mean_of_factors():
   peft, base, trainable, loss_fn = tiny_lora_model(rank=2, nonzero_b=True)
   algorithm = fedit(loss_fn, client_optimizer=optax.sgd(0.3), server_optimizer=optax.sgd(1.0))
   ids = np.array([0, 1, 2], np.int32)
@@ -32,7 +32,8 @@ def test_fedit_aggregate_is_token_weighted_mean_of_factors():
   server = algorithm.init(trainable, None)
   key = jax.random.key(4)
   outs = _client_params(algorithm, base, server, ids, data, key)
-  p = np.asarray(data.num_tokens) / np.sum(data.num_tokens)
+  data = data._replace(weights=jnp.array([1.0, 3.0, 6.0]))  # the cohort's p_k, independent of round tokens
+  p = np.array([0.1, 0.3, 0.6])
   expected = jax.tree.map(lambda *xs: sum(pi * x for pi, x in zip(p, xs)), *outs)
   new, _, _ = build_round(algorithm, chunk_size=3, donate=False)(base, server, {}, jnp.asarray(ids), data, key)
   assert_trees_close(new.params, expected, rtol=1e-5, atol=1e-7)
@@ -55,7 +56,7 @@ def test_fedit_one_sgd_step_from_zero_b_is_exact_aggregation():
   server = algorithm.init(trainable, None)
   key = jax.random.key(1)
   outs = _client_params(algorithm, base, server, ids, data, key)
-  p = np.asarray(data.num_tokens) / np.sum(data.num_tokens)
+  p = np.asarray(data.weights) / np.sum(data.weights)
   new, _, _ = build_round(algorithm, chunk_size=2, donate=False)(base, server, {}, jnp.asarray(ids), data, key)
   n_modules = 0
   for path, m in lora_lib.lora_modules(new.params):

@@ -57,7 +57,8 @@ def test_empty_slots_have_no_effect(name):
   data = random_cohort(ids, seed=3)
   data_p = random_cohort(padded, seed=3)
   data_p = data_p._replace(tokens=data_p.tokens.at[:2].set(data.tokens), mask=data_p.mask.at[:2].set(data.mask),
-                           num_tokens=data_p.num_tokens.at[:2].set(data.num_tokens))
+                           num_tokens=data_p.num_tokens.at[:2].set(data.num_tokens),
+                           weights=data_p.weights.at[:2].set(data.weights))
   a = _run(algorithm, build_round(algorithm, chunk_size=2, donate=False), base, trainable, ids, data)
   b = _run(algorithm, build_round(algorithm, chunk_size=2, donate=False), base, trainable, padded, data_p)
   assert_trees_close(a[0].params, b[0].params, rtol=1e-5, atol=1e-7)
@@ -85,7 +86,8 @@ def test_per_client_step_counts_mask_extra_steps():
   ids = np.array([0], np.int32)
   full = random_cohort(ids, steps=3, num_steps=[1])
   one = random_cohort(ids, steps=1)
-  one = one._replace(tokens=full.tokens[:, :1], mask=full.mask[:, :1], num_tokens=full.num_tokens)
+  one = one._replace(tokens=full.tokens[:, :1], mask=full.mask[:, :1], num_tokens=full.num_tokens,
+                     weights=full.weights)
   server = algorithm.init(trainable, jax.random.key(0))
   step = build_round(algorithm, chunk_size=1, donate=False)
   a, _, ma = step(base, server, {}, jnp.asarray(ids), full, jax.random.key(1))
