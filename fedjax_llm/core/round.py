@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -44,6 +45,18 @@ def reduce_client_metrics(metrics: dict, weights: Array) -> dict:
   for k, v in metrics.items():
     out[k] = jnp.sum(v) if k.startswith("sum_") else jnp.sum(v * w) / wsum
   return out
+
+
+def finish_round(algorithm: FederatedAlgorithm, server_state, client_store, cohort_ids, num_tokens, weights,
+                 outputs, new_states, client_metrics):
+  """Aggregate the cohort's outputs (axis C), scatter client states back, reduce metrics."""
+  present = (cohort_ids >= 0).astype(jnp.float32)
+  server_state, server_metrics = algorithm.aggregate(server_state, outputs, weights.astype(jnp.float32) * present)
+  client_store = store_lib.scatter(client_store, cohort_ids, new_states)
+  metrics = reduce_client_metrics(client_metrics, num_tokens.astype(jnp.float32) * present)
+  metrics.update(server_metrics)
+  metrics["clients"] = jnp.sum(present)
+  return server_state, client_store, metrics
 
 
 def _client_fn(algorithm: FederatedAlgorithm):
@@ -89,14 +102,8 @@ def build_round(algorithm: FederatedAlgorithm, *, chunk_size: int, donate: bool 
     client_states = store_lib.gather(client_store, cohort_ids)
     outputs, new_states, client_metrics = run_clients(
         algorithm, base, server_state, client_states, cohort_ids, data, rng, chunk_size)
-    present = (cohort_ids >= 0).astype(jnp.float32)
-    weights = data.weights.astype(jnp.float32) * present
-    server_state, server_metrics = algorithm.aggregate(server_state, outputs, weights)
-    client_store = store_lib.scatter(client_store, cohort_ids, new_states)
-    metrics = reduce_client_metrics(client_metrics, data.num_tokens.astype(jnp.float32) * present)
-    metrics.update(server_metrics)
-    metrics["clients"] = jnp.sum(present)
-    return server_state, client_store, metrics
+    return finish_round(algorithm, server_state, client_store, cohort_ids, data.num_tokens, data.weights,
+                        outputs, new_states, client_metrics)
 
   return jax.jit(round_step, donate_argnums=(1, 2) if donate else ())
 
@@ -109,15 +116,7 @@ def build_sequential_round(algorithm: FederatedAlgorithm) -> Callable:
   """
   client_step = jax.jit(_client_fn(algorithm))
 
-  @jax.jit
-  def finish(server_state, client_store, cohort_ids, outputs, new_states, client_metrics, num_tokens, weights):
-    present = (cohort_ids >= 0).astype(jnp.float32)
-    server_state, server_metrics = algorithm.aggregate(server_state, outputs, weights.astype(jnp.float32) * present)
-    client_store = store_lib.scatter(client_store, cohort_ids, new_states)
-    metrics = reduce_client_metrics(client_metrics, num_tokens.astype(jnp.float32) * present)
-    metrics.update(server_metrics)
-    metrics["clients"] = jnp.sum(present)
-    return server_state, client_store, metrics
+  finish = jax.jit(functools.partial(finish_round, algorithm))
 
   def round_step(base, server_state, client_store, cohort_ids, data: CohortData, rng):
     client_states = store_lib.gather(client_store, cohort_ids)
@@ -129,7 +128,7 @@ def build_sequential_round(algorithm: FederatedAlgorithm) -> Callable:
       results.append(client_step(base, server_state, state_c, data.tokens[c], data.mask[c], info,
                                  jax.random.fold_in(rng, cid)))
     outputs, new_states, client_metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
-    return finish(server_state, client_store, cohort_ids, outputs, new_states, client_metrics, data.num_tokens,
-                  data.weights)
+    return finish(server_state, client_store, cohort_ids, data.num_tokens, data.weights, outputs, new_states,
+                  client_metrics)
 
   return round_step
