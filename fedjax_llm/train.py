@@ -220,6 +220,36 @@ def plot_curves(rows: list[dict], path: str, title: str) -> None:
 
 # ----------------------------------------------------------------------------- run
 
+# Fields that may change between a run and its resumption (they do not change the trajectory).
+RESUMABLE_CHANGES = ("fl.num_rounds", "eval.every", "checkpoint_every", "log_every")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def check_resume_config(config, workdir: str, *, resuming: bool) -> None:
+  """Write ``workdir/config.json``; when resuming, refuse a config that changes the trajectory."""
+  path = os.path.join(workdir, "config.json")
+  now = _flatten(json.loads(config.to_json()))
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      before = _flatten(json.load(f))
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+      diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+      raise ValueError(f"{workdir} holds checkpoints of a different config ({diffs}); use a new --workdir, or "
+                       f"change only {', '.join(RESUMABLE_CHANGES)} when resuming")
+  with open(path, "w") as f:
+    f.write(config.to_json(indent=2))
+
+
 
 def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | None = None) -> dict:
   """Train ``config`` in ``workdir``; resumes from the latest checkpoint there.
@@ -269,6 +299,7 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   start = ckpt.latest_round() or 0
+  check_resume_config(config, workdir, resuming=bool(start))
   if start:
     (server_state, client_store), _ = ckpt.restore(start, (server_state, client_store))
   logger = _Logger(workdir, start)

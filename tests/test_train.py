@@ -139,3 +139,12 @@ def test_client_weights_by_hand():
   np.testing.assert_array_equal(train.client_weights("uniform", ids, np.array([5, 6, 0]), dataset), [1, 1, 0])
   with pytest.raises(ValueError, match="unknown fl.client_weighting 'size'; allowed: dataset_tokens, round_tokens"):
     train.client_weights("size", ids, np.zeros(3), dataset)
+
+
+def test_resuming_with_a_different_config_is_refused_but_more_rounds_are_allowed(tmp_path):
+  train.run(_smoke(**{"fl.num_rounds": 2}), str(tmp_path), progress=False)
+  with pytest.raises(ValueError, match=r"holds checkpoints of a different config \(lora.alpha: 16.0 -> 8.0\)"):
+    train.run(_smoke(**{"fl.num_rounds": 3, "lora.alpha": 8.0}), str(tmp_path), progress=False)
+  s = train.run(_smoke(**{"fl.num_rounds": 3}), str(tmp_path), progress=False)  # extend the run
+  assert s["rounds"] == 3
+  assert json.load(open(tmp_path / "config.json"))["fl"]["num_rounds"] == 3
