@@ -14,8 +14,9 @@ backward to activations 2N; the LoRA factors' own FLOPs are negligible), with
 N_fwd the model's forward matmul FLOPs per token / 2 (``llama_flops_per_token``,
 attention included). XLA's own cost analysis of the compiled round is printed too.
 
-  python benchmarks/round_throughput.py [--models tiny,smollm2] [--cohorts 8,64,256,1024]
-      [--smollm2-cohorts 8,64] [--loop-max-clients 256] [--out benchmarks/results]
+  python benchmarks/round_throughput.py            # the whole table (about 10 min on a 2-core CPU)
+  python benchmarks/round_throughput.py --models smollm2 --smollm2-cohorts 16 --smollm2-chunk 2
+  (--help lists every option: cohorts, shapes, chunk sizes, the cross-device rows, memory-only rows)
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def time_round(step, base, server, ids, data, rounds: int) -> float:
   return float(np.median(times))
 
 
-def bench_one(model_name, cfg, peft, base, trainable, c, *, steps, batch, seq, chunk, peak, rounds, loop):
+def bench_one(model_name, cfg, peft, base, trainable, c, *, steps, batch, seq, chunk, peak, rounds, loop,
+              timed=True):
   loss_fn = make_lm_loss(peft)
   algorithm = fedit(loss_fn, client_optimizer=optax.sgd(1e-3), server_optimizer=optax.sgd(1.0))
   server = algorithm.init(trainable, None)
@@ -109,18 +111,19 @@ def bench_one(model_name, cfg, peft, base, trainable, c, *, steps, batch, seq, c
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # XLA's cost analysis counts a while-loop body once: scale by the chunk loop and the local-step loop.
   xla_flops = float(cost.get("flops", float("nan"))) * (c // chunk) * steps if cost else float("nan")
-  t_round = time_round(compiled_step, base, server, ids, data, rounds)
   row = {
       "model": model_name, "clients": c, "chunk": chunk, "tokens_per_round": tokens,
-      "shape": f"{steps}x{batch}x{seq}",
-      "compiled_s": t_round, "compiled_clients_per_s": c / t_round, "compiled_tokens_per_s": tokens / t_round,
-      "model_flops_per_round": flops, "xla_flops_per_round": xla_flops,
-      "compiled_flops_per_s": flops / t_round, "compiled_frac_of_matmul_peak": flops / t_round / peak,
+      "shape": f"{steps}x{batch}x{seq}", "model_flops_per_round": flops, "xla_flops_per_round": xla_flops,
       "mem_args_bytes": getattr(mem, "argument_size_in_bytes", None),
       "mem_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
       "mem_out_bytes": getattr(mem, "output_size_in_bytes", None),
       "trainable_bytes_per_client": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainable))),
   }
+  if not timed:  # memory analysis only (cohorts too slow to time on this machine)
+    return row
+  t_round = time_round(compiled_step, base, server, ids, data, rounds)
+  row.update({"compiled_s": t_round, "compiled_clients_per_s": c / t_round, "compiled_tokens_per_s": tokens / t_round,
+              "compiled_flops_per_s": flops / t_round, "compiled_frac_of_matmul_peak": flops / t_round / peak})
   if loop:
     t_loop = time_round(build_sequential_round(algorithm), base, server, ids, data, max(1, rounds // 2))
     row.update({"loop_s": t_loop, "loop_clients_per_s": c / t_loop, "loop_tokens_per_s": tokens / t_loop,
@@ -138,10 +141,11 @@ def print_table(rows, peak):
           "loop s", "loop %peak", "speedup", "args mem", "temp mem")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
+    timed = "compiled_s" in r
     lines.append("| " + " | ".join([
-        r["model"], str(r["clients"]), str(r["chunk"]), r["shape"], f"{r['compiled_s']:.3f}",
-        f"{r['compiled_clients_per_s']:.1f}", f"{r['compiled_tokens_per_s']:,.0f}",
-        f"{100 * r['compiled_frac_of_matmul_peak']:.1f}%",
+        r["model"], str(r["clients"]), str(r["chunk"]), r["shape"], f"{r['compiled_s']:.3f}" if timed else "-",
+        f"{r['compiled_clients_per_s']:.1f}" if timed else "-", f"{r['compiled_tokens_per_s']:,.0f}" if timed else "-",
+        f"{100 * r['compiled_frac_of_matmul_peak']:.1f}%" if timed else "-",
         f"{r['loop_s']:.3f}" if "loop_s" in r else "-",
         f"{100 * r['loop_frac_of_matmul_peak']:.1f}%" if "loop_s" in r else "-",
         f"{r['speedup']:.1f}x" if "speedup" in r else "-",
@@ -156,6 +160,8 @@ def main(argv=None):
   p.add_argument("--models", default="tiny,smollm2")
   p.add_argument("--cohorts", default="8,64,256,1024", help="cohort sizes for the tiny model")
   p.add_argument("--smollm2-cohorts", default="8,16,64", help="cohort sizes for SmolLM2 (CPU time grows linearly)")
+  p.add_argument("--smollm2-memory-cohorts", default="256,1024",
+                 help="SmolLM2 cohorts compiled for the memory analysis only (too slow to time on a CPU)")
   p.add_argument("--xdev-cohorts", default="256,1024",
                  help="cross-device regime (tiny model, a few short sequences per client): cohort sizes")
   p.add_argument("--xdev-shape", default="1,2,16", help="local steps, batch, seq in the cross-device regime")
@@ -178,17 +184,20 @@ def main(argv=None):
       plan += [("tiny", args.cohorts, args.tiny_shape, args.chunk), ("tiny", args.xdev_cohorts, args.xdev_shape, args.chunk)]
     elif name == "smollm2":
       plan.append(("smollm2", args.smollm2_cohorts, args.smollm2_shape, args.smollm2_chunk))
+      plan.append(("smollm2-memory", args.smollm2_memory_cohorts, args.smollm2_shape, args.smollm2_chunk))
     else:
       raise SystemExit(f"unknown model {name!r}; allowed: tiny, smollm2")
   models = {}
   for name, cohorts, shape, chunk in plan:
+    timed = not name.endswith("-memory")
+    name = name.removesuffix("-memory")
     if name not in models:
       models = {name: make_model(name, args.rank, args.dtype)}  # one base model in memory at a time
     cfg, peft, base, trainable = models[name]
     steps, batch, seq = (int(x) for x in shape.split(","))
     for c in (int(x) for x in cohorts.split(",") if x):
       row = bench_one(name, cfg, peft, base, trainable, c, steps=steps, batch=batch, seq=seq, chunk=chunk,
-                      peak=peak, rounds=args.rounds, loop=c <= args.loop_max_clients)
+                      peak=peak, rounds=args.rounds, loop=timed and c <= args.loop_max_clients, timed=timed)
       rows.append(row)
       print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
   table = print_table(rows, peak)

@@ -220,8 +220,15 @@ def plot_curves(rows: list[dict], path: str, title: str) -> None:
 
 # ----------------------------------------------------------------------------- run
 
-# Fields that may change between a run and its resumption (they do not change the trajectory).
-RESUMABLE_CHANGES = ("fl.num_rounds", "eval.every", "checkpoint_every", "log_every")
+# Fields that may change between a run and its resumption: they leave the checkpointed state's meaning and
+# structure intact (client optimizer state is rebuilt every round; the server's learning rate is not in its
+# state). Prefixes ending in "." cover a whole group.
+RESUMABLE_CHANGES = ("fl.num_rounds", "eval.", "checkpoint_every", "log_every", "client_optimizer.",
+                     "server_optimizer.learning_rate")
+
+
+def _resumable(key: str) -> bool:
+  return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -241,11 +248,15 @@ def check_resume_config(config, workdir: str, *, resuming: bool) -> None:
   if resuming and os.path.exists(path):
     with open(path) as f:
       before = _flatten(json.load(f))
-    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUMABLE_CHANGES)
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    fmt = lambda keys: "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys)
+    refused = [k for k in changed if not _resumable(k)]
+    if refused:
+      raise ValueError(f"{workdir} holds checkpoints of a different config ({fmt(refused)}); use a new --workdir, "
+                       f"or change only {', '.join(p + '*' if p.endswith('.') else p for p in RESUMABLE_CHANGES)} "
+                       f"when resuming")
     if changed:
-      diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-      raise ValueError(f"{workdir} holds checkpoints of a different config ({diffs}); use a new --workdir, or "
-                       f"change only {', '.join(RESUMABLE_CHANGES)} when resuming")
+      print(f"[fedjax_llm] resuming with changed settings ({fmt(changed)})", flush=True)
   with open(path, "w") as f:
     f.write(config.to_json(indent=2))
 
@@ -346,7 +357,7 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
                           f"stopping. Last good checkpoint: "
                           f"{'round ' + str(kept) if kept else 'none'} in {ckpt.directory} "
                           f"(lower client_optimizer.learning_rate={config.client_optimizer.learning_rate} "
-                          f"or enable grad_clip)")
+                          f"or enable grad_clip, then re-run: it resumes from that checkpoint)")
     server_state, client_store = new_server, new_store
     round_times.append(dt)
     done = r + 1
