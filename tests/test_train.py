@@ -148,3 +148,27 @@ def test_resuming_with_a_different_config_is_refused_but_more_rounds_are_allowed
   s = train.run(_smoke(**{"fl.num_rounds": 3}), str(tmp_path), progress=False)  # extend the run
   assert s["rounds"] == 3
   assert json.load(open(tmp_path / "config.json"))["fl"]["num_rounds"] == 3
+
+
+def test_cli_smoke_run_end_to_end(tmp_path):
+  r = _cli("--config", "configs/fedit.py:smoke", "--workdir", str(tmp_path), "--no-progress", "--config.fl.num_rounds=2")
+  assert r.returncode == 0, r.stderr
+  assert "[fedjax_llm] done: held-out loss" in r.stdout
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["rounds"] == 2 and summary["algorithm"] == "fedit"
+  assert json.load(open(tmp_path / "config.json"))["fl"]["num_rounds"] == 2
+
+
+def test_build_eval_equals_direct_token_nll():
+  import jax.numpy as jnp
+  import numpy as np
+  from tests.helpers import tiny_lora_model
+  from fedjax_llm.peft.base import token_nll
+  peft, base, trainable, _ = tiny_lora_model(rank=2, nonzero_b=True)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 97, (6, 12)), jnp.int32)
+  mask = jnp.asarray((np.arange(12)[None, :] < rng.integers(2, 13, (6, 1))).astype(np.float32))
+  s, c = train.build_eval(peft, batch_size=3)(base, trainable, tokens, mask)
+  s_ref, c_ref = token_nll(peft.apply(base, trainable, tokens), tokens, mask)
+  np.testing.assert_allclose(s, s_ref, rtol=1e-5)
+  assert float(c) == float(c_ref) == float(mask[:, 1:].sum())

@@ -100,3 +100,36 @@ def test_sample_client_ranks_follows_distribution():
   np.testing.assert_allclose(frac, [0.5, 0.3, 0.2], atol=0.015)  # ~4.6 sigma at n = 20000
   np.testing.assert_array_equal(ranks, sample_client_ranks(20000, rank_choices=(2, 4, 8),
                                                             rank_probs=(0.5, 0.3, 0.2), seed=0))
+
+
+def test_pruned_ranks_persist_in_the_client_store_across_rounds():
+  """Through the compiled round: a pruned client comes back next round at its pruned rank."""
+  from fedjax_llm.core import client_store as store_lib
+  from fedjax_llm.core.round import CohortData, build_round
+
+  def loss_fn(base, params, tokens, mask, key):  # only the self-pruning regularizer acts
+    return jnp.zeros(()), {"nll_sum": jnp.zeros(()), "tokens": jnp.sum(mask)}
+  alg = hetlora(loss_fn, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0),
+                client_ranks=np.array([4, 4, 2, 4]), r_max=4, prune_gamma=0.5, prune_lambda=1.0)
+  tree = {"m": {"lora_a": jax.random.normal(jax.random.key(0), (3, 4)),
+                "lora_b": jax.random.normal(jax.random.key(1), (4, 2))}}
+  server = alg.init(tree, None)
+  store = store_lib.init_store(alg.init_client, tree, 4)
+  step = build_round(alg, chunk_size=2, donate=False)
+
+  def cohort(ids):
+    c = len(ids)
+    ones = jnp.ones((c,), jnp.float32)
+    return CohortData(jnp.zeros((c, 3, 1, 2), jnp.int32), jnp.ones((c, 3, 1, 2)), jnp.full((c,), 3, jnp.int32),
+                      ones, ones)
+
+  server, store, m = step(None, server, store, jnp.array([0, 2]), cohort([0, 2]), jax.random.key(0))
+  np.testing.assert_array_equal(store["rank"], [2, 4, 1, 4])  # floor(0.5 * 4) = 2, floor(0.5 * 2) = 1
+  assert float(m["sum_pruned"]) == 2.0
+  server, store, m = step(None, server, store, jnp.array([0, 3]), cohort([0, 3]), jax.random.key(1))
+  # Client 0 started this round at rank 2 (its tail, column 1, shrank again -> rank 1). Client 3 keeps rank 4:
+  # round 1's cohort uploaded nothing above rank 2, so zero-padded aggregation left the global tail
+  # (columns 2-3) exactly zero, and a zero tail cannot shrink.
+  np.testing.assert_array_equal(store["rank"], [1, 4, 1, 4])
+  np.testing.assert_array_equal(server.params["m"]["lora_b"][2:], 0.0)
+  np.testing.assert_allclose(m["sum_bytes_down"], 4.0 * (2 + 4) * (3 + 2))
