@@ -279,6 +279,9 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
                      f"{fl.cohort_size}, {fl.chunk_size}, {fl.local_steps}, {fl.batch_size}")
   algorithms_lib.get_algorithm(config.algorithm)  # fail fast on an unknown name
   _choice("fl.client_weighting", fl.client_weighting, WEIGHTINGS)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  start = ckpt.latest_round() or 0
+  check_resume_config(config, workdir, resuming=bool(start))  # before the slow model load
 
   # Model + PEFT.
   model, tokenizer = load_model(config.model, config.seed)
@@ -308,9 +311,6 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
   round_step = build_round(algorithm, chunk_size=fl.chunk_size)
   evaluate = build_eval(peft, config.eval.batch_size)
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  start = ckpt.latest_round() or 0
-  check_resume_config(config, workdir, resuming=bool(start))
   if start:
     (server_state, client_store), _ = ckpt.restore(start, (server_state, client_store))
   logger = _Logger(workdir, start)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_llm.core import client_store as store_lib
+from fedjax_llm.tree import tree_stack
 from fedjax_llm.core.algorithm import FederatedAlgorithm
 from fedjax_llm.types import Array, ClientBatches, ClientInfo
 
@@ -127,7 +128,7 @@ def build_sequential_round(algorithm: FederatedAlgorithm) -> Callable:
       state_c = jax.tree.map(lambda x: x[c], client_states)
       results.append(client_step(base, server_state, state_c, data.tokens[c], data.mask[c], info,
                                  jax.random.fold_in(rng, cid)))
-    outputs, new_states, client_metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+    outputs, new_states, client_metrics = tree_stack(results)
     return finish(server_state, client_store, cohort_ids, data.num_tokens, data.weights, outputs, new_states,
                   client_metrics)
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedjax_llm.types import Array, PyTree
+from fedjax_llm.types import Array
 
 
 def _state_paths(state: nnx.State) -> list[tuple[str, ...]]:
@@ -112,7 +112,3 @@ def make_lm_loss(peft: PeftModel) -> Callable[[nnx.State, dict, Array, Array, Ar
 
   return loss_fn
 
-
-def tree_paths(tree: PyTree) -> list[str]:
-  """'/'-joined paths of a nested dict's leaves (for messages and logging)."""
-  return ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
