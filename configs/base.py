@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.client_optimizer.momentum = 0.0  # sgd momentum (0 = plain SGD)
   c.client_optimizer.weight_decay = 0.0  # adamw decoupled weight decay
   c.client_optimizer.grad_clip = 1.0  # global-norm clipping of client gradients (0 = off)
+  c.client_optimizer.prox_mu = 0.0  # FedProx proximal weight mu (0 = off); composes with every method
 
   c.server_optimizer = ml_collections.ConfigDict()
   c.server_optimizer.name = "fedavg"  # "fedavg" | "fedavgm" | "fedadam" | "fedyogi" | "fedadagrad"
@@ -63,12 +64,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 5  # save an Orbax checkpoint every N rounds (and at the end); 0 = only at the end
   c.log_every = 1  # tensorboard scalars every N rounds
 
-  c.hetlora = ml_collections.ConfigDict()
-  c.hetlora.rank_choices = (2, 4, 8)  # client capability levels -> LoRA ranks (each <= lora.rank)
-  c.hetlora.rank_probs = (0.5, 0.3, 0.2)  # fraction of clients at each level
-  c.hetlora.prune_gamma = 0.9  # self-pruning keeps floor(gamma * r_k) ranks when the tail norm shrinks
-  c.hetlora.prune_lambda = 1e-3  # weight of the tail-norm regularizer (0 disables self-pruning)
-  c.hetlora.min_rank = 1  # never prune below this rank
+  c.clients = ml_collections.ConfigDict()  # client capabilities (read by heterogeneous-rank methods)
+  c.clients.rank_choices = (2, 4, 8)  # capability levels -> LoRA ranks r_k (each <= lora.rank = r_max)
+  c.clients.rank_probs = (0.5, 0.3, 0.2)  # fraction of clients at each level (seeded draw per client)
+
+  # A method's own hyper-parameters live in a section named after it (e.g. c.hetlora), defined in
+  # configs/<method>.py; every key is passed to the method's builder and checked against its signature.
 
   if arg == "smoke":
     shrink_for_smoke(c)

@@ -8,6 +8,7 @@ loss-curve PNG.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from fedjax_llm.core import client_store as store_lib
 from fedjax_llm.core import sampling
 from fedjax_llm.core.round import CohortData, build_round
 from fedjax_llm.data import federated
+from fedjax_llm.optim import add_proximal
 from fedjax_llm.peft import lora as lora_lib
 from fedjax_llm.peft.base import make_lm_loss, split_model, token_nll
 
@@ -57,6 +59,8 @@ def make_client_optimizer(c) -> optax.GradientTransformation:
   opt = builders[c.name]()
   if c.grad_clip and c.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
+  if c.get("prox_mu", 0.0):  # FedProx: proximal gradient first, then clipping and the optimizer
+    opt = optax.chain(add_proximal(c.prox_mu), opt)
   return opt
 
 
@@ -102,21 +106,65 @@ def load_data(data_cfg, tokenizer, max_len: int):
       max_train_seqs_per_client=data_cfg.max_train_seqs_per_client or None)
 
 
+def client_ranks_from_config(config, num_clients: int) -> np.ndarray:
+  """Each client's LoRA rank from its capability level (``clients.rank_choices`` / ``rank_probs``)."""
+  cl = config.clients
+  bad = [r for r in cl.rank_choices if r > config.lora.rank]
+  if bad:
+    raise ValueError(f"clients.rank_choices {tuple(cl.rank_choices)} has rank {max(bad)} > r_max "
+                     f"lora.rank={config.lora.rank}; allowed ranks: 1..{config.lora.rank}")
+  return sample_client_ranks(num_clients, rank_choices=cl.rank_choices, rank_probs=cl.rank_probs or None,
+                             seed=config.seed)
+
+
+def _plain(v):
+  if isinstance(v, (list, tuple)):
+    return tuple(_plain(x) for x in v)
+  return v
+
+
+def algorithm_kwargs(config, num_clients: int) -> dict:
+  """Keyword arguments for the algorithm builder.
+
+  The method's own section (``config.<algorithm>``, e.g. ``config.hetlora``) is passed
+  as is, every key checked against the builder's signature; shared values are passed
+  to builders that take them: ``client_optimizer``, ``server_optimizer``, ``r_max``
+  (lora.rank), ``lora_alpha``, ``lora_scale`` (alpha / rank), ``client_ranks``
+  (sampled from ``clients``), ``num_clients``, ``seed``, ``client_learning_rate``
+  and ``local_steps``.
+  """
+  name = config.algorithm
+  builder = algorithms_lib.get_algorithm(name)
+  params = inspect.signature(builder).parameters
+  kwargs: dict[str, Any] = {}
+  section = config.get(name) if name in config else None
+  if section is not None:
+    for k, v in section.items():
+      if k not in params or k == "loss_fn":
+        allowed = [p for p in params if p not in ("loss_fn",) and params[p].kind == inspect.Parameter.KEYWORD_ONLY]
+        raise ValueError(f"config.{name}.{k} is not a parameter of {name}; allowed: {', '.join(allowed)}")
+      kwargs[k] = _plain(v.to_dict() if hasattr(v, "to_dict") else v)
+  shared = {
+      "client_optimizer": lambda: make_client_optimizer(config.client_optimizer),
+      "server_optimizer": lambda: make_server_optimizer(config.server_optimizer),
+      "r_max": lambda: config.lora.rank,
+      "lora_alpha": lambda: config.lora.alpha,
+      "lora_scale": lambda: config.lora.alpha / config.lora.rank,
+      "client_ranks": lambda: client_ranks_from_config(config, num_clients),
+      "num_clients": lambda: num_clients,
+      "seed": lambda: config.seed,
+      "client_learning_rate": lambda: config.client_optimizer.learning_rate,
+      "local_steps": lambda: config.fl.local_steps,
+  }
+  for k, make in shared.items():
+    if k in params and k not in kwargs:
+      kwargs[k] = make()
+  return kwargs
+
+
 def make_algorithm(config, loss_fn, num_clients: int):
   builder = algorithms_lib.get_algorithm(config.algorithm)
-  kwargs: dict[str, Any] = dict(client_optimizer=make_client_optimizer(config.client_optimizer),
-                                server_optimizer=make_server_optimizer(config.server_optimizer))
-  if config.algorithm == "hetlora":
-    h = config.hetlora
-    bad = [r for r in h.rank_choices if r > config.lora.rank]
-    if bad:
-      raise ValueError(f"hetlora.rank_choices {tuple(h.rank_choices)} has rank {max(bad)} > r_max "
-                       f"lora.rank={config.lora.rank}; allowed ranks: 1..{config.lora.rank}")
-    kwargs.update(client_ranks=sample_client_ranks(
-        num_clients, rank_choices=h.rank_choices, rank_probs=h.rank_probs, seed=config.seed),
-        r_max=config.lora.rank, prune_gamma=h.prune_gamma, prune_lambda=h.prune_lambda,
-        min_rank=h.min_rank, lora_scale=config.lora.alpha / config.lora.rank)
-  return builder(loss_fn, **kwargs)
+  return builder(loss_fn, **algorithm_kwargs(config, num_clients))
 
 
 WEIGHTINGS = ("dataset_tokens", "round_tokens", "uniform")
@@ -143,8 +191,13 @@ def client_weights(kind: str, ids: np.ndarray, round_tokens: np.ndarray, dataset
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _row_nll(logits, tokens, mask):
+  """Per-row (nll_sum [B], target count [B])."""
+  return jax.vmap(lambda l, t, m: token_nll(l[None], t[None], m[None]))(logits, tokens, mask)
+
+
 def build_eval(peft, batch_size: int):
-  """jit(base, trainable, tokens[N,T], mask[N,T]) -> (nll_sum, tokens), N a multiple of batch_size."""
+  """jit(base, trainable, tokens[N,T], mask[N,T]) -> per-row (nll_sum[N], count[N]), N a multiple of batch_size."""
 
   @jax.jit
   def evaluate(base, trainable, tokens, mask):
@@ -152,15 +205,64 @@ def build_eval(peft, batch_size: int):
     tb = tokens.reshape((n // batch_size, batch_size) + tokens.shape[1:])
     mb = mask.reshape((n // batch_size, batch_size) + mask.shape[1:])
 
-    def body(carry, xs):
-      logits = peft.apply(base, trainable, xs[0])
-      s, c = token_nll(logits, xs[0], xs[1])
-      return (carry[0] + s, carry[1] + c), None
+    def body(_, xs):
+      return None, _row_nll(peft.apply(base, trainable, xs[0]), xs[0], xs[1])
 
-    (s, c), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (tb, mb))
-    return s, c
+    _, (s, c) = jax.lax.scan(body, None, (tb, mb))
+    return s.reshape(n), c.reshape(n)
 
   return evaluate
+
+
+def build_personal_eval(peft, algorithm):
+  """jit(base, server_state, client_states[C], tokens[C,M,T], mask[C,M,T]) -> (nll_sum[C], count[C]).
+
+  Each client's rows are scored with ``algorithm.personal_params`` (row by row, so a
+  method can weight its parts per instance); clients run one after another (lax.map).
+  """
+
+  @jax.jit
+  def evaluate(base, server_state, client_states, tokens, mask):
+    def one_client(xs):
+      cs, tok, msk = xs
+
+      def one_row(t, m):
+        params = algorithm.personal_params(base, server_state, cs, t, m)
+        return token_nll(peft.apply(base, params, t[None]), t[None], m[None])
+
+      s, c = jax.vmap(one_row)(tok, msk)
+      return jnp.sum(s), jnp.sum(c)
+
+    return jax.lax.map(one_client, (client_states, tokens, mask))
+
+  return evaluate
+
+
+def per_client_rows(tokens: np.ndarray, mask: np.ndarray, client_index: np.ndarray, ids: np.ndarray):
+  """Regroup eval rows by client: (tokens [C,M,T], mask [C,M,T]) with M the most rows of a client."""
+  groups = [np.nonzero(client_index == i)[0] for i in ids]
+  m = max(1, max(len(g) for g in groups))
+  t = np.zeros((len(ids), m, tokens.shape[1]), tokens.dtype)
+  k = np.zeros((len(ids), m, tokens.shape[1]), mask.dtype)
+  for j, g in enumerate(groups):
+    t[j, :len(g)] = tokens[g]
+    k[j, :len(g)] = mask[g]
+  return t, k
+
+
+def client_loss_stats(prefix: str, nll: np.ndarray, count: np.ndarray) -> dict:
+  """Token-weighted loss and the distribution of per-client losses (clients with targets only)."""
+  nll, count = np.asarray(nll, np.float64), np.asarray(count, np.float64)
+  loss = float(nll.sum() / max(count.sum(), 1.0))
+  has = count > 0
+  per = nll[has] / count[has]
+  out = {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0))}
+  if per.size:
+    out.update({f"{prefix}client_loss_mean": float(per.mean()), f"{prefix}client_loss_std": float(per.std()),
+                f"{prefix}client_loss_p10": float(np.percentile(per, 10)),
+                f"{prefix}client_loss_p50": float(np.percentile(per, 50)),
+                f"{prefix}client_loss_p90": float(np.percentile(per, 90))})
+  return out
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -219,6 +321,8 @@ def plot_curves(rows: list[dict], path: str, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- run
+
+STANDARD_METRICS = ("train_loss", "sum_tokens", "sum_bytes_up", "sum_bytes_down", "update_norm", "clients")
 
 # Fields that may change between a run and its resumption: they leave the checkpointed state's meaning and
 # structure intact (client optimizer state is rebuilt every round; the server's learning rate is not in its
@@ -288,7 +392,13 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
   max_len = model.config.max_position_embeddings
   lora_paths = lora_lib.apply_lora(model, target=config.lora.target, rank=config.lora.rank,
                                    alpha=config.lora.alpha, dropout=config.lora.dropout, seed=config.seed)
-  peft, base, trainable = split_model(model, nnx.LoRAParam)
+  builder = algorithms_lib.get_algorithm(config.algorithm)
+  if getattr(builder, "mutable_base", False):  # the method changes the targeted kernels: they join the trainable tree
+    targeted = set(lora_paths)
+    kernel_filter = lambda path, _: (path[-1] == "kernel" and "/".join(str(p) for p in path[:-1]) in targeted)
+    peft, base, trainable = split_model(model, nnx.Any(nnx.LoRAParam, kernel_filter))
+  else:
+    peft, base, trainable = split_model(model, nnx.LoRAParam)
   del model
 
   # Data.
@@ -298,9 +408,11 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
     raise ValueError(f"fl.cohort_size={fl.cohort_size} > number of clients {num_clients}")
   padded_c = sampling.padded_cohort_size(fl.cohort_size, fl.chunk_size)
   eval_ids = federated.select_eval_clients(num_clients, min(config.eval.num_clients, num_clients), config.seed)
-  ev = federated.pad_to_multiple(data.eval_batches(eval_ids, config.eval.max_seqs_per_client),
-                                 config.eval.batch_size)
+  ev_rows = data.eval_batches(eval_ids, config.eval.max_seqs_per_client)
+  ev = federated.pad_to_multiple(ev_rows, config.eval.batch_size)
   eval_tokens, eval_mask = jnp.asarray(ev["tokens"]), jnp.asarray(ev["mask"])
+  n_rows = len(ev_rows["client_index"])
+  row_client = np.searchsorted(eval_ids, ev_rows["client_index"]) if n_rows else np.zeros(0, np.int64)
 
   # Algorithm, state, compiled round.
   loss_fn = make_lm_loss(peft)
@@ -310,6 +422,12 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
   client_store = store_lib.init_store(algorithm.init_client, trainable, num_clients)
   round_step = build_round(algorithm, chunk_size=fl.chunk_size)
   evaluate = build_eval(peft, config.eval.batch_size)
+  personal = algorithm.personal_params is not None
+  if personal:
+    evaluate_personal = build_personal_eval(peft, algorithm)
+    pt, pm = per_client_rows(ev_rows["tokens"], ev_rows["mask"], ev_rows["client_index"], eval_ids)
+    personal_tokens, personal_mask = jnp.asarray(pt), jnp.asarray(pm)
+    personal_ids = jnp.asarray(eval_ids)
 
   if start:
     (server_state, client_store), _ = ckpt.restore(start, (server_state, client_store))
@@ -317,9 +435,16 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
   setup_s = time.time() - t_start
 
   def run_eval(r: int) -> dict:
-    s, c = evaluate(base, algorithm.eval_params(server_state), eval_tokens, eval_mask)
-    loss = float(s) / max(float(c), 1.0)
-    out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    """Global model on the held-out rows (token-weighted and per client); personalized models if any."""
+    s, c = jax.device_get(evaluate(base, algorithm.eval_params(server_state), eval_tokens, eval_mask))
+    s, c = np.asarray(s)[:n_rows], np.asarray(c)[:n_rows]
+    per_s = np.bincount(row_client, weights=s, minlength=len(eval_ids))
+    per_c = np.bincount(row_client, weights=c, minlength=len(eval_ids))
+    out = client_loss_stats("eval/", per_s, per_c)
+    if personal:
+      states = store_lib.gather(client_store, personal_ids)
+      ps, pc = jax.device_get(evaluate_personal(base, server_state, states, personal_tokens, personal_mask))
+      out.update(client_loss_stats("eval/personal_", ps, pc))
     logger.log(r, out)
     return out
 
@@ -364,10 +489,11 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
     scalars = {"train/loss": train_loss, "round_time_s": dt,
                "tokens_per_s": float(metrics["sum_tokens"]) / dt,
                "comm/bytes_up": float(metrics["sum_bytes_up"]), "comm/bytes_down": float(metrics["sum_bytes_down"]),
+               "comm/bytes_up_per_client": float(metrics["sum_bytes_up"]) / max(float(metrics["clients"]), 1.0),
                "server/update_norm": float(metrics["update_norm"])}
-    for k in ("rank", "sum_pruned"):
-      if k in metrics:
-        scalars[f"clients/{k}"] = float(metrics[k])
+    for k, v in metrics.items():  # method-specific metrics (client ranks, pruned clients, sparsity, ...)
+      if k not in STANDARD_METRICS:
+        scalars[f"clients/{k}"] = float(v)
     if done % config.log_every == 0 or done == fl.num_rounds:
       logger.log(done, scalars)
     if done % config.eval.every == 0 or done == fl.num_rounds:
@@ -394,6 +520,11 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
       "num_clients": num_clients, "cohort_size": fl.cohort_size,
       "final_eval_loss": evals[-1]["eval/loss"] if evals else None,
       "final_eval_perplexity": evals[-1]["eval/perplexity"] if evals else None,
+      "final_eval": {k: v for k, v in evals[-1].items() if k != "round"} if evals else {},
+      "total_bytes_up": float(sum(r.get("comm/bytes_up", 0.0) for r in logger.rows)),
+      "total_bytes_down": float(sum(r.get("comm/bytes_down", 0.0) for r in logger.rows)),
+      "mean_bytes_up_per_client_round": float(np.mean([r["comm/bytes_up_per_client"] for r in logger.rows
+                                                       if "comm/bytes_up_per_client" in r] or [0.0])),
       "initial_eval_loss": evals[0]["eval/loss"] if evals else None,
       "final_train_loss": train_loss,
       "trainable_params": T.tree_size(trainable), "trainable_bytes": trainable_bytes,

@@ -13,10 +13,19 @@ from fedjax_llm.peft import lora as lora_lib
 from fedjax_llm.peft.base import make_lm_loss, split_model
 
 
-def tiny_lora_model(rank=4, alpha=8.0, seed=0, target=r"(q_proj|v_proj)$", nonzero_b=False):
+def tiny_lora_model(rank=4, alpha=8.0, seed=0, target=r"(q_proj|v_proj)$", nonzero_b=False, mutable_base=False):
+  """(peft, base, trainable, loss_fn) of a tiny random Llama with LoRA.
+
+  ``mutable_base=True`` splits like train.py does for methods that change the frozen
+  weights: the kernels of the LoRA-targeted layers join the trainable tree.
+  """
   model = random_llama(tiny_llama_config(), seed=seed)
-  lora_lib.apply_lora(model, target=target, rank=rank, alpha=alpha, seed=seed)
-  peft, base, trainable = split_model(model, nnx.LoRAParam)
+  paths = set(lora_lib.apply_lora(model, target=target, rank=rank, alpha=alpha, seed=seed))
+  if mutable_base:
+    kernel_filter = lambda path, _: path[-1] == "kernel" and "/".join(str(p) for p in path[:-1]) in paths
+    peft, base, trainable = split_model(model, nnx.Any(nnx.LoRAParam, kernel_filter))
+  else:
+    peft, base, trainable = split_model(model, nnx.LoRAParam)
   if nonzero_b:  # start away from B = 0 so FedIT's aggregation noise is visible
     key = jax.random.key(seed + 7)
     trainable = lora_lib.map_lora(

@@ -81,12 +81,12 @@ def test_cli_bare_config_name_resolves_and_unknown_key_is_one_line_error():
 
 
 def test_unknown_algorithm_is_a_clear_error(tmp_path):
-  with pytest.raises(ValueError, match=r"unknown algorithm 'fedsgdx'; known algorithms: fedit, hetlora"):
+  with pytest.raises(ValueError, match=r"unknown algorithm 'fedsgdx'; known algorithms: .*fedit.*hetlora"):
     train.run(_smoke(**{"algorithm": "fedsgdx"}), str(tmp_path), progress=False)
 
 
 def test_rank_above_r_max_is_a_clear_error(tmp_path):
-  c = _smoke(**{"lora.rank": 4, "hetlora.rank_choices": "(2, 8)", "hetlora.rank_probs": "(0.5, 0.5)"})
+  c = _smoke(**{"lora.rank": 4, "clients.rank_choices": "(2, 8)", "clients.rank_probs": "(0.5, 0.5)"})
   with pytest.raises(ValueError, match=r"rank 8 > r_max lora.rank=4; allowed ranks: 1..4"):
     train.run(c, str(tmp_path), progress=False)
 
@@ -169,6 +169,16 @@ def test_build_eval_equals_direct_token_nll():
   tokens = jnp.asarray(rng.integers(0, 97, (6, 12)), jnp.int32)
   mask = jnp.asarray((np.arange(12)[None, :] < rng.integers(2, 13, (6, 1))).astype(np.float32))
   s, c = train.build_eval(peft, batch_size=3)(base, trainable, tokens, mask)
-  s_ref, c_ref = token_nll(peft.apply(base, trainable, tokens), tokens, mask)
-  np.testing.assert_allclose(s, s_ref, rtol=1e-5)
-  assert float(c) == float(c_ref) == float(mask[:, 1:].sum())
+  assert s.shape == c.shape == (6,)  # per row
+  for i in range(6):
+    s_ref, c_ref = token_nll(peft.apply(base, trainable, tokens[i:i + 1]), tokens[i:i + 1], mask[i:i + 1])
+    np.testing.assert_allclose(s[i], s_ref, rtol=1e-5)
+    assert float(c[i]) == float(c_ref) == float(mask[i, 1:].sum())
+
+
+def test_client_loss_stats_by_hand():
+  import numpy as np
+  out = train.client_loss_stats("eval/", np.array([2.0, 9.0, 0.0]), np.array([1.0, 3.0, 0.0]))
+  assert out["eval/loss"] == 11.0 / 4.0  # token-weighted
+  assert out["eval/client_loss_mean"] == 2.5  # mean of 2 and 3; the client without targets is skipped
+  assert out["eval/client_loss_p50"] == 2.5

@@ -2,21 +2,28 @@
 
 ``get_algorithm(name)`` fails loudly on an unknown name, listing the known ones.
 Each builder takes the per-batch loss and keyword hyper-parameters and returns a
-``FederatedAlgorithm``.
+``FederatedAlgorithm``; modules are imported on first use.
 """
 from __future__ import annotations
+
+import importlib
 
 from fedjax_llm.algorithms.fedit import fedit
 from fedjax_llm.algorithms.hetlora import hetlora
 
+# name -> "module:builder" under fedjax_llm.algorithms
 REGISTRY = {
-    "fedit": fedit,
-    "hetlora": hetlora,
+    # LoRA, homogeneous rank
+    "fedit": "fedit:fedit",
+    # LoRA, heterogeneous rank
+    "hetlora": "hetlora:hetlora",
 }
 
 
 def get_algorithm(name: str):
   try:
-    return REGISTRY[name]
+    spec = REGISTRY[name]
   except KeyError:
     raise ValueError(f"unknown algorithm {name!r}; known algorithms: {', '.join(sorted(REGISTRY))}") from None
+  module, _, attr = spec.partition(":")
+  return getattr(importlib.import_module(f"fedjax_llm.algorithms.{module}"), attr)

@@ -10,16 +10,25 @@ an explicit argument (``base``), passed once and never mapped over clients.
                                                -> (output, client_state, metrics)   (no C axis)
   aggregate(server_state, outputs, weights)    -> (server_state, metrics)           (outputs: leading C axis)
   eval_params(server_state)                    -> trainable used for global evaluation
+  personal_params(base, server_state, client_state, tokens[T], mask[T])   (optional; personalized methods)
+                                               -> trainable a client uses on one of its own sequences
 
 ``weights`` are float32 [C], unnormalized: the cohort's aggregation weights p_k
 (by default the client's number of training tokens, FedAvg's n_k; 0 for empty
 cohort slots); an algorithm may re-weight. Client metrics are float32 scalars;
 keys starting with ``sum_`` are summed over the cohort, all others are averaged
 weighted by the client's target tokens this round.
+
+Methods that change the frozen weights (FedEx-LoRA, FLoRA, SLoRA) declare it on their
+builder (``builder.mutable_base = True``): the trainable tree they are given then also
+holds the ``kernel`` of every LoRA-targeted layer, which they keep in ``ServerState.extra``
+(one copy, updated by the server step) and hand back through ``eval_params``; the rest of
+the base stays in ``base``. ``personal_params`` is evaluated row by row, so a method may
+weight its parts per instance (FedDPA); ``None`` means the global model is everyone's.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,19 +45,22 @@ class FederatedAlgorithm(NamedTuple):
   client_update: Callable
   aggregate: Callable
   eval_params: Callable
+  personal_params: Callable | None = None
 
 
 class ServerState(NamedTuple):
-  """Global trainable params, the server optimizer's state and the round counter."""
+  """Global trainable params, the server optimizer's state, the round counter and method extras."""
 
   params: dict  # the global trainable pytree (e.g. LoRA factors at r_max)
   opt_state: optax.OptState
   round: Array  # int32 []
+  extra: Any = None  # method-specific server data (merged kernels, control variates, ...); a pytree
 
 
-def init_server_state(trainable: dict, server_optimizer: optax.GradientTransformation) -> ServerState:
+def init_server_state(trainable: dict, server_optimizer: optax.GradientTransformation,
+                      extra: Any = None) -> ServerState:
   return ServerState(params=trainable, opt_state=server_optimizer.init(trainable),
-                     round=jnp.zeros((), jnp.int32))
+                     round=jnp.zeros((), jnp.int32), extra=extra)
 
 
 def server_step(state: ServerState, aggregated: dict,
@@ -60,7 +72,7 @@ def server_step(state: ServerState, aggregated: dict,
   pseudo_grad = T.tree_sub(state.params, aggregated)
   updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  return ServerState(params=params, opt_state=opt_state, round=state.round + 1)
+  return ServerState(params=params, opt_state=opt_state, round=state.round + 1, extra=state.extra)
 
 
 LossFn = Callable  # loss(base, trainable, tokens[B,T], mask[B,T], key) -> (loss, aux{'nll_sum','tokens'})

@@ -124,3 +124,82 @@ def delta_sq_norm(m: dict, scale: float = 1.0) -> Array:
   """||scale * a @ b||_F^2 of one module, via the r x r Gram matrices (never forms d_in x d_out)."""
   a, b = m["lora_a"].astype(jnp.float32), m["lora_b"].astype(jnp.float32)
   return (scale ** 2) * jnp.sum((a.T @ a) * (b @ b.T))
+
+
+def delta(m: dict, scale: float = 1.0) -> Array:
+  """The dense update ``scale * a @ b`` [d_in, d_out] of one LoRA module (= (s B A)^T)."""
+  return scale * (m["lora_a"].astype(jnp.float32) @ m["lora_b"].astype(jnp.float32))
+
+
+def select_factors(tree: dict, keys) -> dict:
+  """Keep only the listed factors (e.g. ``("lora_b",)``) of every LoRA module; the rest of the tree as is."""
+  keys = (keys,) if isinstance(keys, str) else tuple(keys)
+  return map_lora(lambda m: {k: m[k] for k in keys}, tree)
+
+
+def merge_trees(a: dict, b: dict) -> dict:
+  """Deep union of two nested dicts with disjoint leaves (e.g. trained and frozen factors, LoRA and kernels)."""
+  if not isinstance(a, dict) or not isinstance(b, dict):
+    raise ValueError("merge_trees: both trees hold a leaf at the same path")
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = merge_trees(a[k], v) if k in a else v
+  return out
+
+
+def _is_kernel_module(tree) -> bool:
+  return isinstance(tree, dict) and "kernel" in tree and "lora" in tree
+
+
+def split_kernels(tree: dict) -> tuple[dict, dict]:
+  """Split a mutable-base trainable tree into (LoRA factors, frozen kernels of the LoRA-targeted layers).
+
+  In such a tree a targeted layer reads ``{"kernel": W [d_in, d_out], "lora": {"lora_a", "lora_b"}}``;
+  ``merge_trees(lora, kernels)`` puts it back together.
+  """
+  if not isinstance(tree, dict):
+    return tree, {}
+  if _is_kernel_module(tree):
+    rest = {k: v for k, v in tree.items() if k != "kernel"}
+    return rest, {"kernel": tree["kernel"]}
+  lora, kern = {}, {}
+  for k, v in tree.items():
+    l, w = split_kernels(v)
+    if isinstance(v, dict):
+      if l:
+        lora[k] = l
+      if w:
+        kern[k] = w
+    else:
+      lora[k] = v
+  return lora, kern
+
+
+def map_kernels(fn, kernels: dict, lora_tree: dict) -> dict:
+  """New kernels ``fn(W, lora_module)`` for every targeted layer (trees from ``split_kernels``)."""
+  if isinstance(kernels, dict) and "kernel" in kernels:
+    return {"kernel": fn(kernels["kernel"], lora_tree["lora"])}
+  return {k: map_kernels(fn, v, lora_tree[k]) for k, v in kernels.items()}
+
+
+def random_a(key: Array, m: dict) -> dict:
+  """A fresh LoRA restart of one module: ``a`` ~ uniform(+-1/sqrt(d_in)) (as at init), ``b`` = 0."""
+  d_in = m["lora_a"].shape[0]
+  bound = 1.0 / float(d_in) ** 0.5
+  a = jax.random.uniform(key, m["lora_a"].shape, jnp.float32, -bound, bound).astype(m["lora_a"].dtype)
+  return {**m, "lora_a": a, "lora_b": jnp.zeros_like(m["lora_b"])}
+
+
+def reinit_lora(tree: dict, key: Array) -> dict:
+  """Restart every LoRA module (``random_a``), each module with its own key folded from ``key``."""
+  mods = [p for p, _ in lora_modules(tree)]
+  index = {p: i for i, p in enumerate(mods)}
+
+  def go(t, prefix):
+    if isinstance(t, dict):
+      if "lora_a" in t and "lora_b" in t:
+        return random_a(jax.random.fold_in(key, index[prefix]), t)
+      return {k: go(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in t.items()}
+    return t
+
+  return go(tree, "")
