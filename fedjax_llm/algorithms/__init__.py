@@ -15,8 +15,23 @@ from fedjax_llm.algorithms.hetlora import hetlora
 REGISTRY = {
     # LoRA, homogeneous rank
     "fedit": "fedit:fedit",
+    "ffa_lora": "ffa_lora:ffa_lora",
+    "fedsa_lora": "fedsa_lora:fedsa_lora",
+    "rolora": "rolora:rolora",
+    "flasc": "flasc:flasc",
+    "fedex_lora": "fedex_lora:fedex_lora",
+    "lora_fair": "lora_fair:lora_fair",
+    "federa": "federa:federa",
+    "slora": "slora:slora",
+    "scaffold": "scaffold:scaffold",
     # LoRA, heterogeneous rank
     "hetlora": "hetlora:hetlora",
+    "flora": "flora:flora",
+    "flexlora": "flexlora:flexlora",
+    "rbla": "rbla:rbla",
+    # LoRA, personalized
+    "fdlora": "fdlora:fdlora",
+    "feddpa": "feddpa:feddpa",
 }
 
 
