@@ -57,7 +57,8 @@ def run_one(label: str, config: str, overrides: list[tuple[str, str]], out: str,
   print(f"[compare] {label}: {' '.join(cmd[1:])}", flush=True)
   r = subprocess.run(cmd, cwd=ROOT)
   if r.returncode != 0:
-    raise SystemExit(f"error: run {label!r} failed (exit {r.returncode}); see the messages above")
+    print(f"[compare] {label}: FAILED (exit {r.returncode}); see the messages above; continuing", flush=True)
+    return None
   return workdir
 
 
@@ -162,13 +163,19 @@ def main(argv=None) -> int:
       raise SystemExit(f"error: --set {item!r} needs KEY=VALUE")
     common.append(tuple(item.split("=", 1)))
   os.makedirs(args.out, exist_ok=True)
-  runs = {}
+  runs, failed = {}, []
   for label, config, over in specs:
     if args.smoke and ":" not in config:
       config += ":smoke"
     workdir = run_one(label, config, common + over, args.out, args.rerun)
-    runs[label] = load_run(workdir)
+    if workdir is None:
+      failed.append(label)
+    else:
+      runs[label] = load_run(workdir)
+  if not runs:
+    raise SystemExit("error: every run failed")
   rows = [table_row(label, run) for label, run in runs.items()]
+  rows += [{"method": label, "algorithm": "FAILED"} for label in failed]
   md = write_tables(rows, args.out)
   first = next(iter(runs.values()))
   title = args.title or (f"{first['config']['model']['name']}, {first['summary']['num_clients']} clients, "
@@ -176,7 +183,7 @@ def main(argv=None) -> int:
   plot(runs, os.path.join(args.out, "compare.png"), title)
   print(md)
   print(f"[compare] wrote {args.out}/results.md, results.csv, compare.png")
-  return 0
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -228,7 +228,8 @@ def build_personal_eval(peft, algorithm):
 
       def one_row(t, m):
         params = algorithm.personal_params(base, server_state, cs, t, m)
-        return token_nll(peft.apply(base, params, t[None]), t[None], m[None])
+        s, c = token_nll(peft.apply(base, params, t[None]), t[None], m[None])
+        return jnp.where(c > 0, s, 0.0), c  # padded rows add nothing, even if a method returns NaN there
 
       s, c = jax.vmap(one_row)(tok, msk)
       return jnp.sum(s), jnp.sum(c)
@@ -241,7 +242,7 @@ def build_personal_eval(peft, algorithm):
 def per_client_rows(tokens: np.ndarray, mask: np.ndarray, client_index: np.ndarray, ids: np.ndarray):
   """Regroup eval rows by client: (tokens [C,M,T], mask [C,M,T]) with M the most rows of a client."""
   groups = [np.nonzero(client_index == i)[0] for i in ids]
-  m = max(1, max(len(g) for g in groups))
+  m = max([1] + [len(g) for g in groups])
   t = np.zeros((len(ids), m, tokens.shape[1]), tokens.dtype)
   k = np.zeros((len(ids), m, tokens.shape[1]), mask.dtype)
   for j, g in enumerate(groups):
@@ -310,6 +311,9 @@ def plot_curves(rows: list[dict], path: str, title: str) -> None:
     ax.plot(*zip(*tr), label="train loss (cohort, during local training)", alpha=0.7)
   if ev:
     ax.plot(*zip(*ev), "o-", label="held-out loss (global model)")
+  pe = [(r["round"], r["eval/personal_loss"]) for r in rows if "eval/personal_loss" in r]
+  if pe:
+    ax.plot(*zip(*pe), "x--", label="held-out loss (each client's personalized model)")
   ax.set_xlabel("round")
   ax.set_ylabel("next-token NLL (nats)")
   ax.set_title(title)
@@ -474,11 +478,12 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
     metrics = jax.device_get(metrics)
     dt = time.time() - t0
     train_loss = float(metrics["train_loss"])
-    if not (math.isfinite(train_loss) and bool(T.tree_all_finite(new_server.params))):
+    if not (math.isfinite(train_loss) and bool(T.tree_all_finite(new_server.params))
+            and bool(T.tree_all_finite(new_server.extra)) and bool(T.tree_all_finite(new_store))):
       kept = ckpt.latest_round()
       if bar is not None:
         bar.close()
-      raise TrainingError(f"non-finite training loss ({train_loss}) or parameters at round {r + 1}; "
+      raise TrainingError(f"non-finite training loss ({train_loss}) or parameters (server or client store) at round {r + 1}; "
                           f"stopping. Last good checkpoint: "
                           f"{'round ' + str(kept) if kept else 'none'} in {ckpt.directory} "
                           f"(lower client_optimizer.learning_rate={config.client_optimizer.learning_rate} "
@@ -521,6 +526,7 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
       "final_eval_loss": evals[-1]["eval/loss"] if evals else None,
       "final_eval_perplexity": evals[-1]["eval/perplexity"] if evals else None,
       "final_eval": {k: v for k, v in evals[-1].items() if k != "round"} if evals else {},
+      "final_personal_loss": evals[-1].get("eval/personal_loss") if evals else None,
       "total_bytes_up": float(sum(r.get("comm/bytes_up", 0.0) for r in logger.rows)),
       "total_bytes_down": float(sum(r.get("comm/bytes_down", 0.0) for r in logger.rows)),
       "mean_bytes_up_per_client_round": float(np.mean([r["comm/bytes_up_per_client"] for r in logger.rows

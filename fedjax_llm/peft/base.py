@@ -110,5 +110,6 @@ def make_lm_loss(peft: PeftModel) -> Callable[[nnx.State, dict, Array, Array, Ar
     loss = nll_sum / jnp.maximum(count, 1.0)
     return loss, {"nll_sum": nll_sum, "tokens": count}
 
+  loss_fn.peft = peft  # methods that need the model itself (FedDPA's instance representations) find it here
   return loss_fn
 
