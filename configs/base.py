@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.client_optimizer.prox_mu = 0.0  # FedProx proximal weight mu (0 = off); composes with every method
 
   c.server_optimizer = ml_collections.ConfigDict()
-  c.server_optimizer.name = "fedavg"  # "fedavg" | "fedavgm" | "fedadam" | "fedyogi" | "fedadagrad"
+  c.server_optimizer.name = "fedavg"  # fedavg|fedavgm|fedadam|fedyogi|fedadagrad (Reddi et al. exact)|adam|yogi|adagrad (optax)
   c.server_optimizer.learning_rate = 1.0  # server learning rate on the pseudo-gradient (1.0 = FedAvg)
   c.server_optimizer.momentum = 0.9  # fedavgm momentum
   c.server_optimizer.b1 = 0.9  # fedadam/fedyogi first-moment decay

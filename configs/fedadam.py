@@ -2,7 +2,8 @@
 arXiv:2003.00295) on SmolLM2-135M + Shakespeare-by-role.
 
 The server runs Adam on the pseudo-gradient x - mean_k y_k (fedjax_llm.train.make_server_optimizer:
-optax.adam, which is bias-corrected; the paper's FedAdam has no bias correction). Its step is
+fedjax_llm.optim.fedopt_adaptive("adam"), the paper's Algorithm 2 exactly: no bias correction,
+m_{-1} = 0, v_{-1} = tau^2; server_optimizer.name="adam" is optax.adam instead). Its step is
 about learning_rate per coordinate regardless of the update's size, so the server learning rate
 is much smaller than FedAvg's 1.0.
 """

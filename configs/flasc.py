@@ -11,5 +11,8 @@ def get_config(arg: str | None = None):
   c.flasc = ml_collections.ConfigDict()
   c.flasc.density_down = 0.25  # fraction of the global LoRA entries sent to clients (top-k of |P|), in (0, 1]
   c.flasc.density_up = 0.25  # fraction of each client's update entries uploaded (top-k of |P_k - P_down|), in (0, 1]
-  c.flasc.scope = "global"  # "global": one top-k over all LoRA entries (authors' code) | "tensor": per factor tensor
+  # "tensor": top-k per factor tensor | "global": one top-k over all LoRA entries (the authors' code). With
+  # "global", B (which starts at 0) stays below the cut-off set by A's init for many rounds, so clients
+  # never receive it and the downloaded model is the base model; "tensor" sends both factors from round 1.
+  c.flasc.scope = "tensor"
   return c

@@ -30,7 +30,7 @@ from fedjax_llm.core import client_store as store_lib
 from fedjax_llm.core import sampling
 from fedjax_llm.core.round import CohortData, build_round
 from fedjax_llm.data import federated
-from fedjax_llm.optim import add_proximal
+from fedjax_llm.optim import add_proximal, fedopt_adaptive
 from fedjax_llm.peft import lora as lora_lib
 from fedjax_llm.peft.base import make_lm_loss, split_model, token_nll
 
@@ -65,13 +65,24 @@ def make_client_optimizer(c) -> optax.GradientTransformation:
 
 
 def make_server_optimizer(c) -> optax.GradientTransformation:
-  """FedOpt (Reddi et al., 2021): an optax optimizer on the pseudo-gradient."""
+  """FedOpt (Reddi et al., 2021, arXiv:2003.00295): an optimizer on the pseudo-gradient ``x - mean_k y_k``.
+
+  ``fedavg`` (SGD, lr 1 = plain averaging) and ``fedavgm`` (SGD with ``momentum``);
+  ``fedadam`` / ``fedyogi`` / ``fedadagrad`` are the paper's Algorithm 2 exactly
+  (``optim.fedopt_adaptive``: no bias correction, m_{-1} = 0, v_{-1} = tau^2, step
+  ``lr m / (sqrt(v) + tau)``, adagrad with ``b1`` momentum) with ``b1``, ``b2`` and ``eps`` as tau;
+  ``adam`` / ``yogi`` / ``adagrad`` are the optax optimizers (bias-corrected adam/yogi, yogi's
+  moments start at 1e-6, adagrad without momentum and with ``eps`` inside the square root).
+  """
   builders = {
       "fedavg": lambda: optax.sgd(c.learning_rate),
       "fedavgm": lambda: optax.sgd(c.learning_rate, momentum=c.momentum),
-      "fedadam": lambda: optax.adam(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps),
-      "fedyogi": lambda: optax.yogi(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps),
-      "fedadagrad": lambda: optax.adagrad(c.learning_rate, initial_accumulator_value=0.0, eps=c.eps),
+      "fedadam": lambda: fedopt_adaptive("adam", c.learning_rate, b1=c.b1, b2=c.b2, tau=c.eps),
+      "fedyogi": lambda: fedopt_adaptive("yogi", c.learning_rate, b1=c.b1, b2=c.b2, tau=c.eps),
+      "fedadagrad": lambda: fedopt_adaptive("adagrad", c.learning_rate, b1=c.b1, b2=c.b2, tau=c.eps),
+      "adam": lambda: optax.adam(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps),
+      "yogi": lambda: optax.yogi(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps),
+      "adagrad": lambda: optax.adagrad(c.learning_rate, initial_accumulator_value=0.0, eps=c.eps),
   }
   _choice("server optimizer", c.name, builders)
   return builders[c.name]()

@@ -20,7 +20,9 @@ negative sparse delta. Global evaluation (``eval_params``) uses P_down, the mode
 clients receive, as the authors' default ``--eval-masked true`` does.
 
 Choices and deviations (stated so they can be ablated):
-  * Top-k scope: ``scope="global"`` (default, as the authors' code) ranks all LoRA entries
+  * Top-k scope (``configs/flasc.py`` uses "tensor": with "global" and B = 0 at init, A's entries set
+    the cut-off and B is not downloaded for many rounds, so clients restart B from 0 every round):
+    ``scope="global"`` (the builder's default, as the authors' code) ranks all LoRA entries
     of the model together (a and b of every module, one flat vector); ``scope="tensor"``
     keeps ceil(d n_t) entries of every factor tensor separately.
   * k = ceil(d n) (d n rounded to 6 decimals first, so 0.7 * 10 keeps 7), at least 1; the

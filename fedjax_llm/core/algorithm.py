@@ -19,7 +19,7 @@ cohort slots); an algorithm may re-weight. Client metrics are float32 scalars;
 keys starting with ``sum_`` are summed over the cohort, all others are averaged
 weighted by the client's target tokens this round.
 
-Methods that change the frozen weights (FedEx-LoRA, FLoRA, SLoRA) declare it on their
+Methods that change the frozen weights (FedEx-LoRA, FLoRA, FeDeRA, SLoRA) declare it on their
 builder (``builder.mutable_base = True``): the trainable tree they are given then also
 holds the ``kernel`` of every LoRA-targeted layer, which they keep in ``ServerState.extra``
 (one copy, updated by the server step) and hand back through ``eval_params``; the rest of

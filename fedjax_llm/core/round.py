@@ -52,7 +52,13 @@ def finish_round(algorithm: FederatedAlgorithm, server_state, client_store, coho
                  outputs, new_states, client_metrics):
   """Aggregate the cohort's outputs (axis C), scatter client states back, reduce metrics."""
   present = (cohort_ids >= 0).astype(jnp.float32)
-  server_state, server_metrics = algorithm.aggregate(server_state, outputs, weights.astype(jnp.float32) * present)
+  w = weights.astype(jnp.float32) * present
+  new_state, server_metrics = algorithm.aggregate(server_state, outputs, w)
+  # A round in which no client carries weight (all slots empty, every client dropped) changes no server
+  # parameter: a weighted mean over nobody is undefined, not zero. Only the round counter advances.
+  anyone = jnp.sum(w) > 0
+  server_state = jax.tree.map(lambda n, o: jnp.where(anyone, n, o), new_state, server_state)
+  server_state = server_state._replace(round=new_state.round)
   client_store = store_lib.scatter(client_store, cohort_ids, new_states)
   metrics = reduce_client_metrics(client_metrics, num_tokens.astype(jnp.float32) * present)
   metrics.update(server_metrics)

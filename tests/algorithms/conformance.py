@@ -5,7 +5,9 @@
     (server state incl. extras, client store, metrics);
   * empty cohort slots (id -1, weight 0) change nothing;
   * the round compiles once across rounds with different cohorts;
-  * the round trains something (update_norm > 0) and reports the standard metrics.
+  * the round trains something (update_norm > 0) and reports the standard metrics;
+  * a round in which no client carries weight leaves the server state (but the round counter) and the
+    store unchanged.
 """
 from __future__ import annotations
 
@@ -68,4 +70,12 @@ def check_round_conformance(algorithm, base, trainable, num_clients: int = 8, rt
     server, store, _ = step(base, server, store, jnp.asarray(cohort), random_cohort(cohort, seed=r),
                             jax.random.key(r))
   assert step._cache_size() == 1
+
+  # a round in which nobody carries weight changes no server parameter (only the round counter)
+  nobody = np.full((4,), -1, np.int32)
+  after, store2, _ = step(base, jax.tree.map(jnp.copy, server), jax.tree.map(jnp.copy, store), jnp.asarray(nobody),
+                          random_cohort(nobody, seed=9), jax.random.key(9))
+  assert_trees_close(after._replace(round=server.round), server, rtol=0, atol=0)
+  assert int(after.round) == int(server.round) + 1
+  assert_trees_close(store2, store, rtol=0, atol=0)
   return ref
