@@ -81,7 +81,8 @@ COLUMNS = [
     ("eval_loss", "held-out loss"), ("eval_ppl", "perplexity"),
     ("client_mean", "client loss mean"), ("client_p10", "client p10"), ("client_p90", "client p90"),
     ("personal_loss", "personalized loss"), ("personal_ppl", "personalized ppl"),
-    ("up_per_client_round_kb", "upload KB / client / round"), ("up_total_mb", "upload MB total"),
+    ("up_per_client_round_kb", "upload KB / client / round"), ("down_per_client_round_kb", "download KB / client / round"),
+    ("up_total_mb", "upload MB total"),
     ("round_s", "s / round"),
 ]
 
@@ -96,6 +97,9 @@ def table_row(label: str, run: dict) -> dict:
       "client_p90": f(fe.get("eval/client_loss_p90")),
       "personal_loss": f(fe.get("eval/personal_loss")), "personal_ppl": f(fe.get("eval/personal_perplexity"), 2),
       "up_per_client_round_kb": f(s.get("mean_bytes_up_per_client_round", 0.0) / 1e3, 1),
+      # the cohort is the same every round, so download per client scales like upload per client
+      "down_per_client_round_kb": f(s.get("mean_bytes_up_per_client_round", 0.0) / 1e3 * s.get("total_bytes_down", 0.0)
+                                    / max(s.get("total_bytes_up", 0.0), 1e-9), 1),
       "up_total_mb": f(s.get("total_bytes_up", 0.0) / 1e6, 2), "round_s": f(s.get("mean_round_time_s"), 2),
   }
 
