@@ -48,3 +48,15 @@ def frozen_loss(loss_fn, frozen: dict):
   def loss(base, trained, tokens, mask, key):
     return loss_fn(base, lora_lib.merge_trees(trained, frozen), tokens, mask, key)
   return loss
+
+
+def split_mutable_base(trainable: dict, name: str) -> tuple[dict, dict]:
+  """(LoRA factors, targeted kernels) of a mutable-base trainable tree; a clear error if kernels are missing."""
+  lora, kernels = lora_lib.split_kernels(trainable)
+  n_mod = len(list(lora_lib.lora_modules(lora)))
+  n_ker = len(jax.tree.leaves(kernels))
+  if n_mod == 0 or n_ker != n_mod:
+    raise ValueError(f"{name} needs the kernel of every LoRA-targeted layer in the trainable tree ({name} changes "
+                     f"the frozen kernels: {name}.mutable_base is True; tests: tiny_lora_model(mutable_base=True)); "
+                     f"got {n_mod} LoRA modules and {n_ker} kernels")
+  return lora, kernels

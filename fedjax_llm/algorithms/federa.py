@@ -137,10 +137,7 @@ def federa(loss_fn: LossFn, *, client_optimizer: optax.GradientTransformation,
 
   def init(trainable, key):
     del key
-    lora, kernels = lora_lib.split_kernels(trainable)
-    if not kernels:
-      raise ValueError("federa changes the frozen kernels: build the trainable tree with the LoRA-targeted "
-                       "kernels (federa.mutable_base is True; tests: tiny_lora_model(mutable_base=True))")
+    lora, kernels = common.split_mutable_base(trainable, "federa")
     check_ranks(kernels, lora)
     kernels, lora = svd_init(kernels, lora, lora_scale, frozen_weight)
     return init_server_state(lora, server_optimizer, extra=kernels)

@@ -127,12 +127,7 @@ def fedex_lora(loss_fn: LossFn, *, client_optimizer: optax.GradientTransformatio
 
   def init(trainable, key):
     del key
-    lora, kernels = lora_lib.split_kernels(trainable)
-    n_mod = len(list(lora_lib.lora_modules(lora)))
-    n_ker = len(jax.tree.leaves(kernels))
-    if n_mod == 0 or n_ker != n_mod:
-      raise ValueError(f"fedex_lora needs the kernel of every LoRA-targeted layer in the trainable tree "
-                       f"(a mutable-base split); got {n_mod} LoRA modules and {n_ker} kernels")
+    lora, kernels = common.split_mutable_base(trainable, "fedex_lora")
     return init_server_state(lora, server_optimizer,
                              extra={"kernels": kernels, "residual_rank": jnp.zeros((), jnp.int32)})
 

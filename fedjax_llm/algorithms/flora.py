@@ -162,13 +162,8 @@ def flora(loss_fn: LossFn, *, client_optimizer: optax.GradientTransformation,
 
   def init(trainable, key):
     del key
-    lora, kernels = lora_lib.split_kernels(trainable)
+    lora, kernels = common.split_mutable_base(trainable, "flora")
     check_r_max("flora", lora, r_max)
-    n_mod = len(list(lora_lib.lora_modules(lora)))
-    n_ker = len(jax.tree.leaves(kernels))
-    if n_mod == 0 or n_ker != n_mod:
-      raise ValueError(f"flora needs the kernel of every LoRA-targeted layer in the trainable tree "
-                       f"(a mutable-base split); got {n_mod} LoRA modules and {n_ker} kernels")
     # Fold any initial LoRA product into W, so the stored LoRA is a restart (b = 0).
     kernels = lora_lib.map_kernels(lambda w, m: (w.astype(jnp.float32) + lora_lib.delta(m, s)).astype(w.dtype),
                                    kernels, lora)

@@ -143,10 +143,7 @@ def slora(loss_fn: LossFn, *, client_optimizer: optax.GradientTransformation,
 
   def init(trainable, key):
     del key
-    lora, kernels = lora_lib.split_kernels(trainable)
-    if not kernels:
-      raise ValueError("slora changes the frozen kernels: build the trainable tree with the LoRA-targeted "
-                       "kernels (slora.mutable_base is True; tests: tiny_lora_model(mutable_base=True))")
+    lora, kernels = common.split_mutable_base(trainable, "slora")
     check_ranks(kernels, lora)
     mask = make_mask(kernels, density, seed)
     params = {"lora": T.tree_zeros_like(lora),  # the LoRA branch is off during the sparse stage
