@@ -61,3 +61,11 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   assert ja == jb, (ja, jb)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def tiny_full_model(seed=0, **config_overrides):
+  """(model graphdef, base, trainable, loss_fn) of a tiny random Llama with EVERY parameter trainable
+  (full-parameter zeroth-order methods); ``config_overrides`` change the tiny config (e.g. hidden_size)."""
+  model = random_llama(tiny_llama_config(**config_overrides), seed=seed)
+  peft, base, trainable = split_model(model, nnx.Param)
+  return peft, base, trainable, make_lm_loss(peft)

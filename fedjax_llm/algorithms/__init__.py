@@ -37,6 +37,11 @@ REGISTRY = {
     "fedper": "fedper:fedper",  # shared + client-local parts (personalized prompts / adapters / heads)
     "selective": "selective:selective",  # partial tuning with per-client depth
     "fedbpt": "fedbpt:fedbpt",  # black-box prompt tuning with CMA-ES (forward passes only)
+    # zeroth order (forward passes only; seed-replayed perturbations)
+    "fedmezo": "fedmezo:fedmezo",  # FedAvg of MeZO local training, any trainable tree
+    "fedkseed": "fedkseed:fedkseed",  # K shared seeds, (index, scalar) uploads, replay from W0
+    "fedkseed_pro": "fedkseed:fedkseed_pro",  # FedKSeed with importance-sampled seeds
+    "fwdllm": "fwdllm:fwdllm",  # forward-gradient PEFT training with variance-controlled perturbations
 }
 
 

@@ -12,6 +12,8 @@ an explicit argument (``base``), passed once and never mapped over clients.
   eval_params(server_state)                    -> trainable used for global evaluation
   personal_params(base, server_state, client_state, tokens[T], mask[T])   (optional; personalized methods)
                                                -> trainable a client uses on one of its own sequences
+  broadcast(base, server_state)                -> the server state as every client of the round sees it
+                                                  (optional; default: the server state itself)
 
 ``weights`` are float32 [C], unnormalized: the cohort's aggregation weights p_k
 (by default the client's number of training tokens, FedAvg's n_k; 0 for empty
@@ -25,6 +27,10 @@ holds the ``kernel`` of every LoRA-targeted layer, which they keep in ``ServerSt
 (one copy, updated by the server step) and hand back through ``eval_params``; the rest of
 the base stays in ``base``. ``personal_params`` is evaluated row by row, so a method may
 weight its parts per instance (FedDPA); ``None`` means the global model is everyone's.
+``broadcast`` is computed once per round, before any client runs, and what it returns is handed to every
+``client_update`` in place of the server state (``aggregate`` still gets the server state): it is where a
+method puts a computation every client would repeat identically, e.g. FedKSeed's rebuild of the global
+model from W0 and the accumulated per-seed scalars.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ class FederatedAlgorithm(NamedTuple):
   aggregate: Callable
   eval_params: Callable
   personal_params: Callable | None = None
+  broadcast: Callable | None = None
 
 
 class ServerState(NamedTuple):

@@ -66,6 +66,11 @@ def finish_round(algorithm: FederatedAlgorithm, server_state, client_store, coho
   return server_state, client_store, metrics
 
 
+def client_view(algorithm: FederatedAlgorithm, base, server_state):
+  """What every client of the round receives: ``algorithm.broadcast(base, server_state)`` or the state itself."""
+  return server_state if algorithm.broadcast is None else algorithm.broadcast(base, server_state)
+
+
 def _client_fn(algorithm: FederatedAlgorithm):
   def run_one(base, server_state, client_state, tokens, mask, info, key):
     return algorithm.client_update(base, server_state, client_state, ClientBatches(tokens, mask), info, key)
@@ -108,7 +113,8 @@ def build_round(algorithm: FederatedAlgorithm, *, chunk_size: int, donate: bool 
   def round_step(base, server_state, client_store, cohort_ids, data: CohortData, rng):
     client_states = store_lib.gather(client_store, cohort_ids)
     outputs, new_states, client_metrics = run_clients(
-        algorithm, base, server_state, client_states, cohort_ids, data, rng, chunk_size)
+        algorithm, base, client_view(algorithm, base, server_state), client_states, cohort_ids, data, rng,
+        chunk_size)
     return finish_round(algorithm, server_state, client_store, cohort_ids, data.num_tokens, data.weights,
                         outputs, new_states, client_metrics)
 
@@ -124,15 +130,17 @@ def build_sequential_round(algorithm: FederatedAlgorithm) -> Callable:
   client_step = jax.jit(_client_fn(algorithm))
 
   finish = jax.jit(functools.partial(finish_round, algorithm))
+  view_fn = jax.jit(functools.partial(client_view, algorithm))
 
   def round_step(base, server_state, client_store, cohort_ids, data: CohortData, rng):
     client_states = store_lib.gather(client_store, cohort_ids)
+    view = view_fn(base, server_state)
     results = []
     for c in range(cohort_ids.shape[0]):
       cid = cohort_ids[c]
       info = ClientInfo(client_id=cid, num_steps=data.num_steps[c], num_tokens=data.num_tokens[c])
       state_c = jax.tree.map(lambda x: x[c], client_states)
-      results.append(client_step(base, server_state, state_c, data.tokens[c], data.mask[c], info,
+      results.append(client_step(base, view, state_c, data.tokens[c], data.mask[c], info,
                                  jax.random.fold_in(rng, cid)))
     outputs, new_states, client_metrics = tree_stack(results)
     return finish(server_state, client_store, cohort_ids, data.num_tokens, data.weights, outputs, new_states,

@@ -5,7 +5,8 @@
 
 Families: ``lora`` (peft/lora.py), ``prompt`` (soft prompt), ``prefix`` (key/value
 prefixes), ``adapter`` (Houlsby / Pfeiffer bottlenecks), ``bitfit`` (biases), ``partial``
-(chosen blocks or their norms). ``head=True`` also trains the classification head
+(chosen blocks or their norms), ``full`` (every ``nnx.Param`` of the model: full-parameter tuning, e.g.
+zeroth-order FedKSeed / MeZO). ``head=True`` also trains the classification head
 (``classifier/...``) of an encoder classifier. Library code: options are plain dicts of
 each family's keyword arguments (``train.py`` builds them from the config).
 """
@@ -22,7 +23,7 @@ from fedjax_llm.peft import prompt as prompt_lib
 from fedjax_llm.peft import selective
 from fedjax_llm.peft.common import PeftParam, path_filter
 
-FAMILIES = ("lora", "prompt", "prefix", "adapter", "bitfit", "partial")
+FAMILIES = ("lora", "prompt", "prefix", "adapter", "bitfit", "partial", "full")
 
 
 class PeftPlan(NamedTuple):
@@ -68,6 +69,9 @@ def apply_peft(model: nnx.Module, methods: Sequence[str], *, lora: dict | None =
       partial_layers, pred = selective.partial_predicate(model, **(partial or {}))
       preds.append(pred)
       added[m] = [f"layer {i}" for i in partial_layers]
+    elif m == "full":
+      filters.append(nnx.Param)
+      added[m] = ["every parameter"]
   if head:
     preds.append(lambda path: path.startswith("classifier/"))
   if preds:
