@@ -2,8 +2,9 @@
 # The comparison in docs/results.md: zeroth-order FedKSeed vs FedIT-LoRA on SmolLM2-135M + Shakespeare-by-role,
 # the LoRA-family setting (3 plays, 8 clients per round, same seed and held-out set). The FedIT run of
 # experiments/compare_lora_family.sh is reused when present (copied into the output directory).
-# Full-parameter FedKSeed runs 12 rounds of 8 local steps with K = 128 seeds (its replay costs K passes over
-# the 135M weights per rebuild: ~0.24 s each on a 2-core CPU). About 50 min on a 2-core CPU.
+# Full-parameter FedKSeed runs 12 rounds of 8 local steps with K = 128 seeds (its replay costs up to K passes
+# over the 135M weights per rebuild: ~0.24 s each on a 2-core CPU); FedKSeed on the LoRA factors 8 rounds of
+# 16 steps. About 60 min on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
