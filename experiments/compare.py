@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -147,7 +148,9 @@ def plot(runs: dict, path: str, title: str) -> None:
       ax2.plot([p[1] / 1e6 for p in pts], [p[2] for p in pts], "x--", color=c, ms=4)
   ax1.set_xlabel("round")
   ax2.set_xlabel("cumulative uploaded MB (all clients)")
-  ax2.set_xscale("symlog", linthresh=1.0)
+  # linear below the smallest upload any run makes (kilobytes for seed-based zeroth-order methods), log above
+  positive = [u / 1e6 for run in runs.values() for _, u, _, _ in run["curve"] if u > 0]
+  ax2.set_xscale("symlog", linthresh=min(1.0, 10.0 ** math.floor(math.log10(min(positive)))) if positive else 1.0)
   for ax in (ax1, ax2):
     ax.set_ylabel("held-out accuracy" if any(r.get("metric") == "accuracy" for r in runs.values())
                   else "held-out NLL (nats)")
