@@ -31,4 +31,5 @@ def get_config(arg: str | None = None):
   c.fedkseed.kind = "rademacher"  # "rademacher" (+-1, 32 directions per Threefry call) | "gaussian" (the paper)
   c.fedkseed.importance = False  # True: FedKSeed-Pro (seed probabilities from the |g| history)
   c.fedkseed.clip = 1000.0  # |g| clip of the importance history (the code's bias_loss_clip)
+  c.fedkseed.impl = "auto"  # perturbation kernel: "auto" (Pallas on GPU/TPU, XLA on CPU) | "xla" | "pallas" | "interpret"
   return c

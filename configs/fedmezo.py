@@ -25,4 +25,5 @@ def get_config(arg: str | None = None):
   c.fedmezo.num_perturbations = 1  # n directions per step, their estimates averaged (MeZO: 1)
   c.fedmezo.kind = "gaussian"  # "gaussian" (MeZO) | "rademacher"
   c.fedmezo.upload = "weights"  # "weights" (the paper: FedAvg of trained trees) | "seeds" (key + scalars, replayed)
+  c.fedmezo.impl = "auto"  # perturbation kernel: "auto" (Pallas on GPU/TPU, XLA on CPU) | "xla" | "pallas" | "interpret"
   return c

@@ -26,4 +26,5 @@ def get_config(arg: str | None = None):
   c.fwdllm.eps = 0.01  # h of the "fd" estimator (the code: 0.01)
   c.fwdllm.kind = "gaussian"  # "gaussian" (the paper) | "rademacher"
   c.fwdllm.candidates = 1  # discriminative sampling: keep the best n_max of m * n_max candidates by cosine to G (1 = off)
+  c.fwdllm.impl = "auto"  # perturbation kernel: "auto" (Pallas on GPU/TPU, XLA on CPU) | "xla" | "pallas" | "interpret"
   return c
