@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from kernels.zo_perturb import api as zo_api
 
-KINDS = ("gaussian", "rademacher")
+KINDS = zo_api.KINDS  # ("gaussian", "rademacher"), defined once by the kernel
 
 
 def check_kind(kind: str) -> str:

@@ -85,7 +85,6 @@ def test_spsa_is_unbiased_on_a_quadratic(kind):
 
 def test_local_training_masks_steps_and_skips_non_finite_losses():
   theta = {"w": jnp.array([1.0, -2.0, 0.5])}
-  calls = []
 
   def loss_fn(base, t, tokens, mask, key):
     del base, key
@@ -98,7 +97,7 @@ def test_local_training_masks_steps_and_skips_non_finite_losses():
 
   tokens = jnp.array([1, 0, 1, 1], jnp.int32).reshape(4, 1, 1)
   batches = ClientBatches(tokens, jnp.ones((4, 1, 1), jnp.float32))
-  got, ids, scalars, m = zo.zo_local_training(loss_fn, None, theta, batches, jnp.asarray(3), jax.random.key(0),
+  got, _, scalars, m = zo.zo_local_training(loss_fn, None, theta, batches, jnp.asarray(3), jax.random.key(0),
                                               directions, 0.1, 1e-3)
   # by hand: steps 0 and 2 update along the same z, step 1 (NaN) and step 3 (inactive) do nothing
   z = zo.tree_noise(theta, jax.random.key(7))["w"]
@@ -109,7 +108,6 @@ def test_local_training_masks_steps_and_skips_non_finite_losses():
   np.testing.assert_allclose(got["w"], w, rtol=2e-3, atol=2e-4)
   assert float(scalars[1, 0]) == 0.0 and float(scalars[3, 0]) == 0.0 and float(scalars[0, 0]) != 0.0
   assert float(m["tokens"]) == 3.0  # the NaN step's tokens count, the inactive step's do not
-  del calls, ids
 
 
 def test_index_bytes_and_bad_kind():

@@ -114,13 +114,13 @@ def fwdllm(loss_fn: LossFn, *, server_optimizer: optax.GradientTransformation, c
     size = float(T.tree_size(theta))
     steps = jnp.maximum(jnp.minimum(info.num_steps, batches.tokens.shape[0]), 1)
 
-    def directional(i):
+    def directional(i, z):
+      """d_i along z = z(keys[i]) (a PEFT-sized tree, materialized once per direction)."""
       b = i % steps
       tokens, mask = batches.tokens[b], batches.mask[b]
       drop = jax.random.fold_in(key, 0x0D0D)
       loss_at = lambda t: loss_fn(base, t, tokens, mask, drop)
       if estimator == "jvp":
-        z = zo.tree_noise(theta, keys[i], kind)
         loss, d, aux = jax.jvp(lambda t: loss_at(t), (theta,), (z,), has_aux=True)
         return d, loss, aux["tokens"]
       d, lp, lm, tokens = zo.spsa(loss_at, theta, keys[i], eps, kind, impl)
@@ -132,12 +132,11 @@ def fwdllm(loss_fn: LossFn, *, server_optimizer: optax.GradientTransformation, c
 
     def body(c):
       n, d, acc, sq, loss, toks, _, _ = c
-      di, li, ti = directional(n)
-      ok = jnp.isfinite(di)
-      di = jnp.where(ok, di, 0.0)
-      acc = zo.tree_perturb(acc, keys[n], di, kind, impl)  # sum_i d_i z_i
-      z_sq = T.tree_sq_norm(zo.tree_noise(theta, keys[n], kind))
-      sq = sq + di * di * z_sq
+      z = zo.tree_noise(theta, keys[n], kind)
+      di, li, ti = directional(n, z)
+      di = jnp.where(jnp.isfinite(di), di, 0.0)
+      acc = T.tree_add(acc, T.tree_scale(z, di))  # sum_i d_i z_i
+      sq = sq + di * di * T.tree_sq_norm(z)
       d = d.at[n].set(di)
       n = n + 1
       nf = n.astype(jnp.float32)
