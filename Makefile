@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run smoke test test-fast bench clean
+.PHONY: setup run smoke test test-all test-fast bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock requirements-data.txt setup.py
@@ -21,12 +21,15 @@ run: setup
 smoke: setup
 	$(BIN)/python experiments/run.py --config configs/hetlora.py:smoke --workdir runs/hetlora_smoke
 
-# The whole suite (what .ci/run runs), slow tests included.
+# The suite CI runs (.ci/run), slow tests included; `extended` variants of checks it already makes are left to test-all.
 test: setup
+	$(BIN)/python -m pytest -n 2 -q -m "not extended" tests
+
+test-all: setup
 	$(BIN)/python -m pytest -n 2 -q tests
 
 test-fast: setup
-	$(BIN)/python -m pytest -n 2 -q -m "not slow" tests
+	$(BIN)/python -m pytest -n 2 -q -m "not slow and not extended" tests
 
 bench: setup
 	$(BIN)/python benchmarks/round_throughput.py

@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lora.rank = 8  # LoRA rank (r_max for heterogeneous-rank methods)
   c.lora.alpha = 16.0  # scale s = alpha / rank
   c.lora.dropout = 0.0  # dropout on the LoRA branch input during local training
+  c.lora.kernel = "xla"  # x W + s (x a) b: "xla" (jnp) | "pallas" (kernels/lora_matmul, fused, GPU/TPU) | "interpret" (its CPU interpreter) | "auto"
 
   c.prompt = ml_collections.ConfigDict()  # soft prompt (peft.methods has "prompt")
   c.prompt.length = 10  # shared soft-prompt rows l_p
@@ -86,6 +87,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fl.local_steps = 2  # local optimizer steps per client per round (S)
   c.fl.batch_size = 2  # sequences per local step (B)
   c.fl.client_weighting = "dataset_tokens"  # aggregation weight p_k: "dataset_tokens" (FedAvg n_k) | "round_tokens" | "uniform"
+
+  c.mesh = ml_collections.ConfigDict()  # devices (results do not depend on them, up to float32 summation order)
+  c.mesh.devices = 0  # devices the cohort is split over (client axis): 0 = all visible, 1 = no sharding
+  c.mesh.model = 1  # devices per client shard that split the frozen base's large matrices (model axis; must divide devices)
+  c.distributed = False  # call jax.distributed.initialize() first (multi-host TPU pod / multi-node GPU; see docs/ARCHITECTURE.md)
 
   c.client_optimizer = ml_collections.ConfigDict()
   c.client_optimizer.name = "adamw"  # "sgd" | "adam" | "adamw"

@@ -28,6 +28,7 @@ from fedjax_llm import tree as T
 from fedjax_llm.checkpoint import Checkpointer
 from fedjax_llm.core import client_store as store_lib
 from fedjax_llm.core import sampling
+from fedjax_llm.core import round as round_lib
 from fedjax_llm.core.round import CohortData, build_round
 from fedjax_llm.data import federated
 from fedjax_llm.optim import add_proximal, fedopt_adaptive
@@ -235,7 +236,7 @@ def peft_plan(model, config, tokenizer=None, *, head: bool = False):
   return apply_peft(
       model, tuple(config.peft.methods),
       lora=dict(target=config.lora.target, rank=config.lora.rank, alpha=config.lora.alpha,
-                dropout=config.lora.dropout),
+                dropout=config.lora.dropout, kernel=config.lora.get("kernel", "xla")),
       prompt=dict(length=pr.length, local_length=pr.local_length, init=pr.init, init_std=pr.init_std,
                   init_ids=init_ids),
       prefix=dict(length=config.prefix.length, init_std=config.prefix.init_std),
@@ -535,7 +536,7 @@ STANDARD_METRICS = ("train_loss", "sum_tokens", "sum_bytes_up", "sum_bytes_down"
 # structure intact (client optimizer state is rebuilt every round; the server's learning rate is not in its
 # state). Prefixes ending in "." cover a whole group.
 RESUMABLE_CHANGES = ("fl.num_rounds", "eval.", "checkpoint_every", "log_every", "client_optimizer.",
-                     "server_optimizer.learning_rate")
+                     "server_optimizer.learning_rate", "mesh.", "distributed")
 
 
 def _resumable(key: str) -> bool:
@@ -573,6 +574,19 @@ def check_resume_config(config, workdir: str, *, resuming: bool) -> None:
 
 
 
+def make_mesh(config):
+  """The client mesh of ``config.mesh`` (None for one device); ``config.distributed`` joins a multi-host run first."""
+  if config.get("distributed", False) and jax.process_count() == 1:
+    jax.distributed.initialize()  # coordinator, process count and id from the launcher's environment (TPU, SLURM, ...)
+  m = config.get("mesh")
+  devices = 0 if m is None else int(m.devices)
+  model = 1 if m is None else int(m.model)
+  n = len(jax.devices()) if devices == 0 else devices
+  if n == 1 and model == 1:
+    return None
+  return round_lib.client_mesh(n, model=model)
+
+
 def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | None = None) -> dict:
   """Train ``config`` in ``workdir``; resumes from the latest checkpoint there.
 
@@ -585,6 +599,7 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   fl = config.fl
+  mesh = make_mesh(config)
   if fl.cohort_size < 1 or fl.chunk_size < 1 or fl.local_steps < 1 or fl.batch_size < 1:
     raise ValueError(f"fl.cohort_size, fl.chunk_size, fl.local_steps, fl.batch_size must be >= 1, got "
                      f"{fl.cohort_size}, {fl.chunk_size}, {fl.local_steps}, {fl.batch_size}")
@@ -629,7 +644,9 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
   num_clients = data.num_clients
   if fl.cohort_size > num_clients:
     raise ValueError(f"fl.cohort_size={fl.cohort_size} > number of clients {num_clients}")
-  padded_c = sampling.padded_cohort_size(fl.cohort_size, fl.chunk_size)
+  shards = 1 if mesh is None else mesh.shape[round_lib.CLIENT_AXIS]
+  chunk = min(fl.chunk_size, -(-fl.cohort_size // shards))  # per device; no chunk larger than a shard's clients
+  padded_c = sampling.padded_cohort_size(fl.cohort_size, chunk * shards)  # empty slots: weight 0
   n_eval = config.eval.num_clients or num_clients
   eval_ids = federated.select_eval_clients(num_clients, min(n_eval, num_clients), config.seed)
   ev_rows = data.eval_batches(eval_ids, config.eval.max_seqs_per_client or None)
@@ -644,7 +661,11 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
   key = jax.random.key(config.seed)
   server_state = algorithm.init(trainable, jax.random.fold_in(key, 1))
   client_store = store_lib.init_store(algorithm.init_client, trainable, num_clients)
-  round_step = build_round(algorithm, chunk_size=fl.chunk_size)
+  if mesh is not None:  # cohort and store split over the client axis, base and server state on every shard
+    base = round_lib.shard_base(mesh, base)
+    server_state = round_lib.place(server_state, lambda x: round_lib.replicated(mesh))
+    client_store = round_lib.shard_clients(mesh, client_store)
+  round_step = build_round(algorithm, chunk_size=chunk, mesh=mesh)
   if classify:
     evaluate = build_classification_eval(peft, config.eval.batch_size, label_ids)
   else:
@@ -691,7 +712,7 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
   print(f"[fedjax_llm] {config.algorithm}: model={config.model.name} ({config.task}) "
         f"PEFT {'+'.join(list(plan.methods) + (['head'] if classify and kind == 'encoder' and config.head.trainable else []))} "
         f"({T.tree_size(trainable):,} trainable params), {num_clients} clients, cohort {fl.cohort_size} "
-        f"(chunk {fl.chunk_size}), {fl.local_steps}x{fl.batch_size}x{config.data.seq_len} tokens/client/round; "
+        f"(chunk {chunk}{'' if mesh is None else f' x {shards} client shards, padded to {padded_c}'}), {fl.local_steps}x{fl.batch_size}x{config.data.seq_len} tokens/client/round; "
         f"setup {setup_s:.1f}s" + (f"; resumed at round {start}" if start else ""), flush=True)
 
   last_eval = run_eval(start) if start == 0 else {}
@@ -709,7 +730,10 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
                         num_steps=jnp.asarray(b["num_steps"]), num_tokens=jnp.asarray(b["num_tokens"]),
                         weights=jnp.asarray(client_weights(fl.client_weighting, ids, b["num_tokens"],
                                                             data.num_train_tokens)))
-    new_server, new_store, metrics = round_step(base, server_state, client_store, jnp.asarray(ids), cohort,
+    ids_in = jnp.asarray(ids)
+    if mesh is not None:
+      ids_in, cohort = round_lib.shard_clients(mesh, (ids, jax.tree.map(np.asarray, cohort)))
+    new_server, new_store, metrics = round_step(base, server_state, client_store, ids_in, cohort,
                                                 jax.random.fold_in(key, 1000 + r))
     metrics = jax.device_get(metrics)
     dt = time.time() - t0

@@ -17,3 +17,5 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slow test (real model weights); still runs in CI")
+    config.addinivalue_line("markers", "extended: extra variants of a check CI already makes; `make test-all` runs "
+                                       "them, CI's `make test` does not (suite time budget)")

@@ -13,6 +13,15 @@
   depend on the cohort order, the chunk size or the number of devices.
 * Aggregation (``algorithm.aggregate``) is a reduction over the client axis inside
   the same jit; the per-client store is gathered and scattered by cohort id.
+* With a ``mesh`` (``client_mesh``), the cohort axis is split over the mesh's
+  ``clients`` axis with ``jax.shard_map``: each device runs its C / D clients
+  (vmapped and chunked as above) against its own replica of the base, and the
+  aggregation runs on the sharded outputs, where XLA's SPMD partitioner turns the
+  reductions over clients into collectives. The cohort size must be a multiple of
+  D x chunk_size; pad it with empty slots (id -1, weight 0: ``sampling``), which
+  change nothing. A mesh may also have a ``model`` axis: the base's parameters can
+  then be sharded over it (``shard_base``) and the partitioner handles them inside
+  each client-shard (shard_map is manual over ``clients`` only).
 """
 from __future__ import annotations
 
@@ -21,6 +30,8 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_llm.core import client_store as store_lib
 from fedjax_llm.tree import tree_stack
@@ -99,24 +110,129 @@ def run_clients(algorithm: FederatedAlgorithm, base, server_state, client_states
   return jax.tree.map(lambda x: x.reshape((c,) + x.shape[2:]), out)
 
 
-def build_round(algorithm: FederatedAlgorithm, *, chunk_size: int, donate: bool = True) -> Callable:
+CLIENT_AXIS = "clients"
+MODEL_AXIS = "model"
+
+
+def client_mesh(num_devices: int | None = None, *, model: int = 1, devices=None) -> Mesh:
+  """A ``(clients, model)`` device mesh over the first ``num_devices`` devices (all by default).
+
+  ``model`` > 1 reserves that many devices per client shard for a model-sharded base (``shard_base``).
+  On several hosts call ``jax.distributed.initialize()`` first: ``jax.devices()`` then lists every host's devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices) if num_devices is None or num_devices == 0 else int(num_devices)
+  if n < 1 or n > len(devices):
+    raise ValueError(f"mesh: num_devices={num_devices} but {len(devices)} devices are visible "
+                     f"({devices[0].platform}); allowed: 1..{len(devices)} (0 or None: all)")
+  if model < 1 or n % model:
+    raise ValueError(f"mesh: model axis size {model} must divide the {n} devices")
+  kw = {}
+  if hasattr(jax.sharding, "AxisType"):  # jax >= 0.7: vmap + NamedSharding need Auto axes
+    kw["axis_types"] = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh((n // model, model), (CLIENT_AXIS, MODEL_AXIS), devices=devices[:n], **kw)
+
+
+def client_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (client) axis split over the mesh's ``clients`` axis, the other axes replicated."""
+  return NamedSharding(mesh, P(CLIENT_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def place(tree, sharding_fn):
+  """Put every leaf of ``tree`` on the mesh with ``sharding_fn(leaf) -> Sharding``; works on one host or many.
+
+  On several hosts every process must hold the same global values (the cohort, the data and the initial state are
+  pure functions of the config and the seed here): each process then builds only its addressable shards.
+  """
+  def put(x):
+    sh = sharding_fn(x)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sh)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys: place their raw words
+      impl = jax.random.key_impl(x)
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+  return jax.tree.map(put, tree)
+
+
+def client_axis_sharding(mesh: Mesh, x) -> NamedSharding:
+  """The leading axis split over ``clients`` when the client-shard count divides it, else replicated."""
+  d = mesh.shape[CLIENT_AXIS]
+  return client_sharding(mesh) if x.ndim and x.shape[0] % d == 0 else replicated(mesh)
+
+
+def shard_clients(mesh: Mesh, tree):
+  """Place a tree whose leaves have a leading client axis (cohort data, the client store): see client_axis_sharding."""
+  return place(tree, lambda x: client_axis_sharding(mesh, x))
+
+
+def shard_base(mesh: Mesh, base, *, min_size: int = 2 ** 16):
+  """Replicate the frozen base on every client shard; with a ``model`` axis > 1, split each large matrix over it.
+
+  A leaf of at least ``min_size`` elements is split along its last axis divisible by the model-axis size (the
+  output features of a ``[d_in, d_out]`` kernel, the hidden axis of an embedding); the rest is replicated.
+  """
+  m = mesh.shape[MODEL_AXIS]
+
+  def sharding(x):
+    if m > 1 and x.ndim >= 2 and x.size >= min_size:
+      for ax in range(x.ndim - 1, -1, -1):
+        if x.shape[ax] % m == 0:
+          spec = [None] * x.ndim
+          spec[ax] = MODEL_AXIS
+          return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+  return place(base, sharding)
+
+
+def build_round(algorithm: FederatedAlgorithm, *, chunk_size: int, donate: bool = True,
+                mesh: Mesh | None = None) -> Callable:
   """Return the jitted ``round_step`` (see module docstring).
 
   Args:
-    chunk_size: clients processed together (vmapped) at a time; the cohort size
-      must be a multiple of it (pad the cohort with -1 slots, see sampling).
+    chunk_size: clients processed together (vmapped) at a time, per device; the cohort size
+      must be a multiple of it (times the number of client shards with a mesh; pad the cohort with -1 slots,
+      see sampling).
     donate: donate the server state and client store buffers (updated in place).
+    mesh: a ``client_mesh``: shard the cohort over its ``clients`` axis (None: one device).
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  if mesh is not None and CLIENT_AXIS not in mesh.shape:
+    raise ValueError(f"mesh axes {tuple(mesh.shape)} lack the client axis {CLIENT_AXIS!r}; build it with client_mesh()")
+  shards = 1 if mesh is None else mesh.shape[CLIENT_AXIS]
+
+  def clients(base, view, client_states, cohort_ids, data, rng):
+    return run_clients(algorithm, base, view, client_states, cohort_ids, data, rng, chunk_size)
+
+  if mesh is not None:
+    split = P(CLIENT_AXIS)
+    other = frozenset(mesh.axis_names) - {CLIENT_AXIS}
+    kw = {"axis_names": frozenset({CLIENT_AXIS})} if any(mesh.shape[a] > 1 for a in other) else {}
+    clients = jax.shard_map(clients, mesh=mesh, in_specs=(P(), P(), split, split, split, P()), out_specs=split,
+                            check_vma=False, **kw)
 
   def round_step(base, server_state, client_store, cohort_ids, data: CohortData, rng):
+    c = cohort_ids.shape[0]
+    if c % (shards * chunk_size):
+      raise ValueError(f"cohort size {c} is not a multiple of {shards} client shard(s) x chunk_size {chunk_size}; "
+                       f"pad it with empty slots (sampling.padded_cohort_size(cohort, {shards * chunk_size}))")
     client_states = store_lib.gather(client_store, cohort_ids)
-    outputs, new_states, client_metrics = run_clients(
-        algorithm, base, client_view(algorithm, base, server_state), client_states, cohort_ids, data, rng,
-        chunk_size)
-    return finish_round(algorithm, server_state, client_store, cohort_ids, data.num_tokens, data.weights,
-                        outputs, new_states, client_metrics)
+    outputs, new_states, client_metrics = clients(
+        base, client_view(algorithm, base, server_state), client_states, cohort_ids, data, rng)
+    server_state, client_store, metrics = finish_round(algorithm, server_state, client_store, cohort_ids,
+                                                       data.num_tokens, data.weights, outputs, new_states,
+                                                       client_metrics)
+    if mesh is not None:  # hand the state back placed as it came (replicated server, split store): no recompiles
+      constrain = lambda t, f: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, f(x)), t)
+      server_state = constrain(server_state, lambda x: replicated(mesh))
+      client_store = constrain(client_store, lambda x: client_axis_sharding(mesh, x))
+    return server_state, client_store, metrics
 
   return jax.jit(round_step, donate_argnums=(1, 2) if donate else ())
 

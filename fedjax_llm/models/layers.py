@@ -11,7 +11,9 @@ Conventions
 * ``Linear.lora`` starts as ``None`` and may later be replaced by any module with a
   ``__call__(x, *, dropout_key=None)`` returning ``[..., out_features]``; its output
   is added to the base projection. The attribute is declared with ``nnx.data`` so
-  that flax>=0.12 allows assigning a Module to it after construction.
+  that flax>=0.12 allows assigning a Module to it after construction. A LoRA branch whose
+  ``fused_impl`` is set ("pallas" / "interpret") computes ``x W + s (x a) b`` as one op instead
+  (``kernels/lora_matmul``); the bias is added after it.
 """
 
 from __future__ import annotations
@@ -78,6 +80,14 @@ class Linear(nnx.Module):
         """
         dt = self.dtype
         od = dt if out_dtype is None else canonical_dtype(out_dtype)
+        fused = getattr(self.lora, "fused_impl", None)
+        if fused is not None and od == dt:
+            # x W + s (x a) b in one op (kernels/lora_matmul: Pallas kernel + custom_vjp); same numerics as below.
+            from kernels.lora_matmul import api as lora_matmul
+
+            y = lora_matmul.lora_matmul(x.astype(dt), self.kernel[...], self.lora.lora_a[...],
+                                        self.lora.lora_b[...], self.lora.scale, impl=fused)
+            return y if self.bias is None else y + self.bias[...].astype(od)
         kernel = self.kernel[...].astype(dt)
         if dt == jnp.float32:
             y = jnp.matmul(x.astype(dt), kernel)

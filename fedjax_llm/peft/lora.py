@@ -26,13 +26,15 @@ class LoRA(nnx.Module):
   """The low-rank branch ``s * (dropout(x) @ lora_a) @ lora_b`` of one linear layer."""
 
   def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
-               dropout: float = 0.0, rngs: nnx.Rngs):
+               dropout: float = 0.0, kernel: str = "xla", rngs: nnx.Rngs):
     bound = 1.0 / float(in_features) ** 0.5  # HF PEFT's kaiming_uniform(a=sqrt(5)) bound
     self.lora_a = nnx.LoRAParam(
         jax.random.uniform(rngs.params(), (in_features, rank), jnp.float32, -bound, bound))
     self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), jnp.float32))
     self.scale = float(alpha) / float(rank)
     self.dropout = float(dropout)
+    # The host Linear computes x W + s (x a) b with kernels/lora_matmul when this is set (a static string).
+    self.fused_impl = fused_impl(kernel, dropout)
 
   def __call__(self, x: Array, *, dropout_key: Array | None = None) -> Array:
     if self.dropout > 0.0 and dropout_key is not None:
@@ -43,6 +45,22 @@ class LoRA(nnx.Module):
     return ((x @ a) @ b) * jnp.asarray(self.scale, x.dtype)
 
 
+def fused_impl(kernel: str, dropout: float = 0.0) -> str | None:
+  """The lora_matmul impl the layer fuses with ("pallas" / "interpret"), or None for the plain XLA branch.
+
+  ``kernel``: "xla" (the branch below, added to the base projection), "pallas", "interpret" (the Pallas kernel
+  under the interpreter: tests) or "auto" (what kernels/lora_matmul/api.py picks for this backend).
+  """
+  from kernels.lora_matmul import api
+  impl = api.resolve_impl(kernel)  # ValueError naming the allowed ones
+  if impl == "xla":
+    return None
+  if dropout > 0.0:
+    raise ValueError(f"LoRA dropout={dropout} is only applied on the XLA path; the fused kernel ({kernel!r}) has "
+                     f"no dropout: use lora kernel 'xla' or dropout 0")
+  return impl
+
+
 def _linear_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module) and hasattr(node, "kernel") and hasattr(node, "lora"):
@@ -50,14 +68,18 @@ def _linear_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
 
 
 def apply_lora(model: nnx.Module, *, target: str = r"(q_proj|v_proj)$", rank: int = 8,
-               alpha: float = 16.0, dropout: float = 0.0, seed: int = 0) -> list[str]:
+               alpha: float = 16.0, dropout: float = 0.0, kernel: str = "xla", seed: int = 0) -> list[str]:
   """Attach a LoRA branch to every linear layer whose path matches ``target``.
+
+  ``kernel`` picks how the layer computes x W + s (x a) b: "xla" (plain jnp, the default), "pallas" /
+  "interpret" (kernels/lora_matmul, one fused op with its own backward) or "auto" (the backend's choice).
 
   Returns the matched paths. Raises ``ValueError`` naming the available layers
   when nothing matches, and when ``rank`` is not a positive integer.
   """
   if int(rank) != rank or rank < 1:
     raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+  fused_impl(kernel, dropout)  # fail before touching the model
   pattern = re.compile(target)
   layers = list(_linear_layers(model))
   matched = [(p, m) for p, m in layers if pattern.search(p)]
@@ -67,7 +89,7 @@ def apply_lora(model: nnx.Module, *, target: str = r"(q_proj|v_proj)$", rank: in
   rngs = nnx.Rngs(params=seed)
   for _, layer in matched:
     d_in, d_out = layer.kernel.shape
-    layer.lora = nnx.data(LoRA(d_in, d_out, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs))
+    layer.lora = nnx.data(LoRA(d_in, d_out, rank=rank, alpha=alpha, dropout=dropout, kernel=kernel, rngs=rngs))
   return [p for p, _ in matched]
 
 
