@@ -31,8 +31,9 @@ test-all: setup
 test-fast: setup
 	$(BIN)/python -m pytest -n 2 -q -m "not slow and not extended" tests
 
+# The benchmark suite (JSON + markdown in benchmarks/results/); BENCH_ARGS="--preset quick" for a 1-minute check.
 bench: setup
-	$(BIN)/python benchmarks/round_throughput.py
+	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -17,6 +17,8 @@ attention included). XLA's own cost analysis of the compiled round is printed to
   python benchmarks/round_throughput.py            # the whole table (about 10 min on a 2-core CPU)
   python benchmarks/round_throughput.py --models smollm2 --smollm2-cohorts 16 --smollm2-chunk 2
   (--help lists every option: cohorts, shapes, chunk sizes, the cross-device rows, memory-only rows)
+The shared pieces (peak, workload, compile + timing) live in ``benchmarks/common.py``; the whole suite
+(this table's rows, sweeps, kernels, the GPU round) is ``benchmarks/suite.py``.
 """
 from __future__ import annotations
 
@@ -26,113 +28,15 @@ import json
 import os
 import platform
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from fedjax_llm.algorithms import fedit  # noqa: E402
-from fedjax_llm.core.round import CohortData, build_round, build_sequential_round  # noqa: E402
-from fedjax_llm.models import llama as llama_lib  # noqa: E402
-from fedjax_llm.peft import lora as lora_lib  # noqa: E402
-from fedjax_llm.peft.base import make_lm_loss, split_model  # noqa: E402
-
-jax.config.update("jax_threefry_partitionable", True)
-
-
-def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
-  """Best-of-``repeats`` dense matmul FLOP/s (n x n @ n x n) on the default device."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
-
-
-def make_model(name: str, rank: int, dtype: str):
-  from fedjax_llm import models
-  if name == "tiny":
-    cfg = models.tiny_llama_config(vocab_size=258, max_position_embeddings=256, dtype=dtype)
-    model = models.random_llama(cfg, seed=0)
-  else:
-    model, _ = models.load_pretrained("smollm2-135m", dtype=dtype)
-  lora_lib.apply_lora(model, target=r"(q_proj|v_proj)$", rank=rank, alpha=2.0 * rank, seed=0)
-  peft, base, trainable = split_model(model, nnx.LoRAParam)
-  return model.config, peft, base, trainable
-
-
-def cohort_data(c: int, steps: int, batch: int, seq: int, vocab: int, seed: int = 0) -> CohortData:
-  rng = np.random.default_rng(seed)
-  tokens = jnp.asarray(rng.integers(0, vocab, (c, steps, batch, seq)), jnp.int32)
-  mask = jnp.ones((c, steps, batch, seq), jnp.float32)
-  ntok = jnp.full((c,), steps * batch * (seq - 1), jnp.float32)
-  return CohortData(tokens, mask, jnp.full((c,), steps, jnp.int32), ntok, ntok)
-
-
-def time_round(step, base, server, ids, data, rounds: int) -> float:
-  """Mean seconds per round after one warm-up (compile) round."""
-  key = jax.random.key(0)
-  out = step(base, server, {}, ids, data, key)
-  jax.block_until_ready(out)
-  times = []
-  for r in range(rounds):
-    t = time.perf_counter()
-    out = step(base, server, {}, ids, data, jax.random.fold_in(key, r))
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
-
-
-def bench_one(model_name, cfg, peft, base, trainable, c, *, steps, batch, seq, chunk, peak, rounds, loop,
-              timed=True):
-  loss_fn = make_lm_loss(peft)
-  algorithm = fedit(loss_fn, client_optimizer=optax.sgd(1e-3), server_optimizer=optax.sgd(1.0))
-  server = algorithm.init(trainable, None)
-  ids = jnp.arange(c, dtype=jnp.int32)
-  data = cohort_data(c, steps, batch, seq, cfg.vocab_size)
-  tokens = c * steps * batch * seq
-  flops = 2 * llama_lib.llama_flops_per_token(cfg, seq, causal=True) * tokens  # 4 N per token
-  chunk = min(chunk, c)
-  compiled_step = build_round(algorithm, chunk_size=chunk, donate=False)
-  compiled = compiled_step.lower(base, server, {}, ids, data, jax.random.key(0)).compile()
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  # XLA's cost analysis counts a while-loop body once: scale by the chunk loop and the local-step loop.
-  xla_flops = float(cost.get("flops", float("nan"))) * (c // chunk) * steps if cost else float("nan")
-  row = {
-      "model": model_name, "clients": c, "chunk": chunk, "tokens_per_round": tokens,
-      "shape": f"{steps}x{batch}x{seq}", "model_flops_per_round": flops, "xla_flops_per_round": xla_flops,
-      "mem_args_bytes": getattr(mem, "argument_size_in_bytes", None),
-      "mem_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
-      "mem_out_bytes": getattr(mem, "output_size_in_bytes", None),
-      "trainable_bytes_per_client": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainable))),
-  }
-  if not timed:  # memory analysis only (cohorts too slow to time on this machine)
-    return row
-  t_round = time_round(compiled_step, base, server, ids, data, rounds)
-  row.update({"compiled_s": t_round, "compiled_clients_per_s": c / t_round, "compiled_tokens_per_s": tokens / t_round,
-              "compiled_flops_per_s": flops / t_round, "compiled_frac_of_matmul_peak": flops / t_round / peak})
-  if loop:
-    t_loop = time_round(build_sequential_round(algorithm), base, server, ids, data, max(1, rounds // 2))
-    row.update({"loop_s": t_loop, "loop_clients_per_s": c / t_loop, "loop_tokens_per_s": tokens / t_loop,
-                "loop_frac_of_matmul_peak": flops / t_loop / peak, "speedup": t_loop / t_round})
-  return row
-
-
-def fmt_bytes(b):
-  return "-" if b is None else f"{b / 2**20:,.1f} MiB"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (bench_one, cohort_data, fmt_bytes, make_model, measure_matmul_peak,  # noqa: E402,F401
+                    time_round)
 
 
 def print_table(rows, peak):

@@ -677,6 +677,11 @@ def run(config, workdir: str, *, progress: bool = True, stop_after_round: int | 
     pt, pm = per_client_rows(ev_rows["tokens"], ev_rows["mask"], ev_rows["client_index"], eval_ids)
     personal_tokens, personal_mask = jnp.asarray(pt), jnp.asarray(pm)
     personal_ids = jnp.asarray(eval_ids)
+    if mesh is not None:  # global (replicated) arrays: what a multi-host jit needs next to the placed base
+      personal_tokens, personal_mask, personal_ids = round_lib.place(
+          (personal_tokens, personal_mask, personal_ids), lambda x: round_lib.replicated(mesh))
+  if mesh is not None:
+    eval_tokens, eval_mask = round_lib.place((eval_tokens, eval_mask), lambda x: round_lib.replicated(mesh))
 
   if start:
     (server_state, client_store), _ = ckpt.restore(start, (server_state, client_store))
