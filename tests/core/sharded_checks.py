@@ -135,6 +135,27 @@ def check_train_run():
   emit(check="train_run", one={k: one[k] for k in keys}, sharded={k: resumed[k] for k in keys}, part=part)
 
 
+def check_all_methods():
+  """Every method's smoke config through train.run on 1 and on 8 devices (2 rounds each)."""
+  import glob
+  from experiments import run as run_cli
+  from fedjax_llm import algorithms, train
+  skip = {"base", "__init__"}
+  configs = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "..",
+                                                                             "configs", "*.py")))
+  for name in (c for c in configs if c not in skip):
+    out = {}
+    for devices in (1, 8):
+      c = run_cli.load_config(f"configs/{name}.py:smoke")
+      for k, v in {"fl.num_rounds": 2, "mesh.devices": devices, "eval.every": 2}.items():
+        run_cli.apply_override(c, k, str(v))
+      with tempfile.TemporaryDirectory() as tmp:
+        s = train.run(c, tmp, progress=False)
+      out[devices] = [s["final_eval_loss"], s["final_params_checksum"]]
+    assert c.algorithm in algorithms.REGISTRY
+    emit(check=f"method/{name}", algorithm=c.algorithm, one=out[1], eight=out[8])
+
+
 if __name__ == "__main__":
   assert len(jax.devices()) == 8, jax.devices()
   model = tiny_lora_model(nonzero_b=True)
@@ -151,4 +172,6 @@ if __name__ == "__main__":
     check_bad_cohort(model)
   if "train_run" in which:
     check_train_run()
+  if "all_methods" in which:
+    check_all_methods()
   emit(check="done")
