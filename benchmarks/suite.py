@@ -54,7 +54,8 @@ sys.path.insert(0, HERE)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import bench_one, fmt_bytes, machine_info, make_model, markdown_table, measure_matmul_peak  # noqa: E402
+from common import (bench_one, fmt_bytes, machine_info, make_model, markdown_table, measure_matmul_peak,  # noqa: E402
+                    smollm2_name)
 
 POINT_TAG = "SUITE_POINT_RESULT "
 
@@ -249,7 +250,8 @@ class Suite:
     return [
         {"label": "tiny, cross-device", "model": "tiny", "clients": p["xdev"]["clients"], "shape": p["xdev"]["shape"],
          "chunk": p["xdev"]["chunk"]},
-        {"label": "SmolLM2-135M LoRA", "model": "smollm2", "clients": p["smollm2"]["clients"],
+        {"label": "SmolLM2-135M LoRA" + ("" if smollm2_name() == "smollm2" else " (random weights)"),
+         "model": smollm2_name(), "clients": p["smollm2"]["clients"],
          "shape": p["smollm2"]["shape"], "chunk": p["smollm2"]["chunk"]},
     ]
 
@@ -461,7 +463,7 @@ class Suite:
     shape = tuple(int(x) for x in self.args.gpu_shape.split(",")) if self.args.gpu_shape else p["shape"]
     chunk, notes = self.args.gpu_chunk, []
     while True:  # out of memory: halve the chunk (noted), down to 1
-      spec = {"model": "smollm2", "dtype": p["dtype"], "rank": 8, "clients": clients, "shape": shape,
+      spec = {"model": smollm2_name(), "dtype": p["dtype"], "rank": 8, "clients": clients, "shape": shape,
               "chunk": chunk, "peak": measured, "rounds": p["rounds"]}
       try:
         row = run_point_isolated(spec, self.use_subprocess)
@@ -489,7 +491,7 @@ class Suite:
         f_pct(row["frac_of_measured_bf16_peak"]), f_pct(row["xla_mfu"]), fmt_bytes(row["mem_args_bytes"]),
         fmt_bytes(row["mem_temp_bytes"]), fmt_bytes(row.get("measured_peak_bytes")))]
     notes += [f"error: {note_of(row)}"] if note_of(row) else []
-    notes.append(f"SmolLM2-135M, {clients} clients x {'x'.join(map(str, shape))} (steps x seqs x tokens), bf16 "
+    notes.append(f"SmolLM2-135M ({'pretrained' if spec['model'] == 'smollm2' else 'random weights: the weights package is not installed here; same FLOPs and speed'}), {clients} clients x {'x'.join(map(str, shape))} (steps x seqs x tokens), bf16 "
                  f"compute (params f32), LoRA r=8 q,v, chunk {chunk} (--gpu-chunk {self.args.gpu_chunk}); "
                  f"MFU = model FLOPs (4N per token) / round s / {f_flops(nominal)}FLOP/s ({source}); "
                  f"measured bf16 peak {f_flops(measured)}FLOP/s; median of {p['rounds']} rounds")

@@ -111,6 +111,7 @@ __all__ = [
     "random_bert",
     "save_bert_dir",
     "tiny_bert_config",
+    "smollm2_135m_config",
 ]
 
 
@@ -147,6 +148,29 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def smollm2_135m_config(**overrides) -> LlamaConfig:
+    """SmolLM2-135M's architecture (what ``load_pretrained("smollm2-135m")`` reads from the GGUF; a test checks
+    they agree): for random-weight stand-ins where the weights cannot be installed (FLOPs and speed do not
+    depend on the values), e.g. benchmarks on a machine without network access."""
+    base = dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,

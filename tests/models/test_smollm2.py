@@ -76,6 +76,8 @@ def test_config_from_gguf_metadata(smollm2):
     assert c.tie_word_embeddings and smollm2[0].lm_head is None
     assert smollm2[0].param_count == 134_515_008
     assert llama_flops_per_token(c, 128) > 2 * 134_515_008 - 2 * 576 * 49152  # sanity
+    from fedjax_llm.models import smollm2_135m_config
+    assert smollm2_135m_config() == c.replace(dtype="float32", remat=False)  # the random-weight stand-in's config
 
 
 def test_tokenizer_roundtrip(smollm2):
