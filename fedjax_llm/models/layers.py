@@ -13,7 +13,8 @@ Conventions
   is added to the base projection. The attribute is declared with ``nnx.data`` so
   that flax>=0.12 allows assigning a Module to it after construction. A LoRA branch whose
   ``fused_impl`` is set ("pallas" / "interpret") computes ``x W + s (x a) b`` as one op instead
-  (``kernels/lora_matmul``); the bias is added after it.
+  (``kernels/lora_matmul``) whenever the output dtype is the compute dtype (else the two-term path
+  below runs); the bias is added after it.
 """
 
 from __future__ import annotations
