@@ -27,13 +27,13 @@ def _bbc(module, **overrides):
 
 
 @pytest.mark.parametrize("module,overrides", [
-    (prompt, {"prompt.length": 4}),
-    (prefix, {"prefix.length": 4}),
-    (adapter, {"adapter.width": 8}),
-    (bitfit, {}),
-    (partial, {}),
-    (fedit, {}),  # LoRA + head, for reference
-], ids=["prompt", "prefix", "adapter", "bitfit", "partial", "lora"])
+    pytest.param(prompt, {"prompt.length": 4}, id="prompt"),
+    pytest.param(prefix, {"prefix.length": 4}, id="prefix", marks=pytest.mark.extended),
+    pytest.param(adapter, {"adapter.width": 8}, id="adapter"),
+    pytest.param(bitfit, {}, id="bitfit"),
+    pytest.param(partial, {}, id="partial", marks=pytest.mark.extended),
+    pytest.param(fedit, {}, id="lora"),  # LoRA + head, for reference
+])
 def test_each_family_beats_the_untrained_head_on_bbc(tmp_path, module, overrides):
   s = train.run(_bbc(module, **overrides), str(tmp_path), progress=False)
   assert s["task"] == "classification" and s["final_accuracy"] is not None

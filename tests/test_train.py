@@ -48,6 +48,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, module):
   assert [r["round"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]  # no duplicated rounds
 
 
+@pytest.mark.extended  # chunk invariance is checked round by round in CI (tests/core, every conformance test)
 def test_chunk_size_does_not_change_the_run(tmp_path):
   a = train.run(_smoke(**{"fl.chunk_size": 4}), str(tmp_path / "a"), progress=False)
   b = train.run(_smoke(**{"fl.chunk_size": 1}), str(tmp_path / "b"), progress=False)

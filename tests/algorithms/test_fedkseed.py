@@ -76,6 +76,7 @@ def test_replay_from_w0_equals_weighted_mean_of_client_weights():
   assert float(metrics["seeds_used"]) <= 2 * 9
 
 
+@pytest.mark.extended
 def test_replay_does_not_depend_on_order_or_cohort_order():
   _, base, w0, loss_fn = model()
   alg = _alg(loss_fn)

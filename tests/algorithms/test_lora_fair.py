@@ -130,7 +130,7 @@ def _round(algorithm, base, trainable, ids, data, key):
   return build_round(algorithm, chunk_size=len(ids), donate=False)(base, server, {}, jnp.asarray(ids), data, key)
 
 
-@pytest.mark.parametrize("objective", ["cosine", "lstsq"])
+@pytest.mark.parametrize("objective", [pytest.param("cosine", marks=pytest.mark.extended), "lstsq"])
 def test_round_keeps_fedit_a_corrects_b_and_reduces_to_fedit_for_huge_lambda(objective):
   peft, base, trainable, loss_fn = tiny_lora_model(rank=2, nonzero_b=True)
   ids = np.array([0, 1, 2], np.int32)
