@@ -34,6 +34,7 @@ from fedjax_llm.core.round import CohortData, build_round, build_sequential_roun
 from fedjax_llm.models import llama as llama_lib  # noqa: E402
 from fedjax_llm.peft import lora as lora_lib  # noqa: E402
 from fedjax_llm.peft.base import make_lm_loss, split_model  # noqa: E402
+from fedjax_llm.tree import tree_bytes  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 
@@ -132,8 +133,18 @@ def compile_round(algorithm, base, server, ids, data, chunk: int):
   return compiled, compile_s, memory, xla_flops
 
 
-def tree_bytes(tree) -> int:
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+def write_results(stem: str, rows: list, backend: str) -> str:
+  """Write ``benchmarks/results/<stem>_<backend>.json`` (date, machine, device, jax, command, rows); its path."""
+  import datetime
+  import json
+  out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
+         "backend": backend, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+         "command": " ".join(sys.argv), "rows": rows}
+  os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+  path = os.path.join(ROOT, "benchmarks", "results", f"{stem}_{backend}.json")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+  return path
 
 
 def bench_one(model_name, cfg, peft, base, trainable, c, *, steps, batch, seq, chunk, peak, rounds, loop,

@@ -17,10 +17,8 @@ Prints a markdown table and writes JSON to benchmarks/results/lora_matmul_<backe
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any, Sequence
@@ -32,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import write_results  # noqa: E402
 from kernels.lora_matmul import api  # noqa: E402
 
 K, NS, R, TOKENS = 576, (576, 192), 16, 4 * 256
@@ -162,13 +161,7 @@ def main() -> None:
              [int(n) for n in args.ns.split(",")], args.repeats, blocks)
   print(f"\nlora_matmul on {backend} ({jax.devices()[0].device_kind}), K={K}, R={R}, {TOKENS} tokens/client\n")
   print(table(rows))
-  out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
-         "backend": backend, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-         "command": " ".join(sys.argv), "rows": rows}
-  os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-  path = os.path.join(ROOT, "benchmarks", "results", f"lora_matmul_{backend}.json")
-  with open(path, "w") as f:
-    json.dump(out, f, indent=1)
+  path = write_results("lora_matmul", rows, backend)
   print(f"\nwrote {path}")
 
 

@@ -87,17 +87,13 @@ PRESETS = {
         "gpu_round": None,
         "smollm2_memory": {"cohorts": [8, 64, 256, 1024, 4096], "shape": (1, 2, 64), "chunk": 4, "dtype": "float32"},
     },
-    "gpu": {
-        "peak": {"cpu": [("float32", 2048, 10)], "accel": [("float32", 8192, 20), ("bfloat16", 8192, 20)]},
-        "rounds": 5, "loop_rounds": 3,
-        "xdev": {"clients": 256, "shape": (1, 2, 16), "chunk": 256},
-        "smollm2": {"clients": 64, "shape": (1, 2, 64), "chunk": 16},
-        "cohort_sweep": {"cohorts": [8, 64, 256, 1024, 4096], "chunk": 256, "shape": (1, 2, 16)},
-        "chunk_sweep": {"clients": 1024, "chunks": [8, 32, 128, 512, 1024], "shape": (1, 2, 16)},
-        "kernel": {"cohorts": [1, 16, 64, 256], "dtypes": ["float32", "bfloat16"]},
-        "gpu_round": {"clients": 1024, "shape": (1, 4, 256), "dtype": "bfloat16", "rounds": 3},
-        "smollm2_memory": {"cohorts": [64, 256, 1024, 4096], "shape": (1, 4, 256), "chunk": 16, "dtype": "bfloat16"},
-    },
+}
+PRESETS["gpu"] = {  # the cpu preset with accelerator-sized workloads
+    **PRESETS["cpu"],
+    "xdev": {"clients": 256, "shape": (1, 2, 16), "chunk": 256},
+    "smollm2": {"clients": 64, "shape": (1, 2, 64), "chunk": 16},
+    "gpu_round": {"clients": 1024, "shape": (1, 4, 256), "dtype": "bfloat16", "rounds": 3},
+    "smollm2_memory": {"cohorts": [64, 256, 1024, 4096], "shape": (1, 4, 256), "chunk": 16, "dtype": "bfloat16"},
 }
 
 SECTION_TITLES = {

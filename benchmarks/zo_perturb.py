@@ -13,10 +13,8 @@ Writes a markdown table to stdout and JSON to benchmarks/results/zo_perturb_<bac
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -28,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 
+from common import write_results  # noqa: E402
 from fedjax_llm import zo  # noqa: E402
 from fedjax_llm.algorithms.fedkseed import seed_keys  # noqa: E402
 
@@ -87,13 +86,7 @@ def main():
   for r in rows:
     print(f"| {r['kind']} | {r['impl']} | {r['perturb_s']:.3f} | {r['perturb_GBps']:.1f} | "
           f"{r['replay_s_per_direction']:.3f} | {r['compile_s']:.1f} | {r['perturb_temp_bytes']} |")
-  out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.node(),
-         "backend": backend, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-         "command": " ".join(sys.argv), "rows": rows}
-  os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-  path = os.path.join(ROOT, "benchmarks", "results", f"zo_perturb_{backend}.json")
-  with open(path, "w") as f:
-    json.dump(out, f, indent=1)
+  path = write_results("zo_perturb", rows, backend)
   print(f"\nwrote {path}")
 
 

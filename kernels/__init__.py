@@ -2,6 +2,7 @@
 
 * ``zo_perturb/``: counter-based Threefry-2x32 noise (Gaussian / Rademacher) and ``theta + c z(key)`` tile
   by tile, for the zeroth-order methods (z is regenerated, never stored).
+* ``lora_matmul/``: y = x W + s (x a) b for a cohort sharing W, one fused Pallas kernel with its custom_vjp.
 
-The multi-client LoRA matmul lands here next (see docs/ARCHITECTURE.md).
+``dispatch.py`` holds the ``impl`` switch (auto / xla / pallas / interpret) both share.
 """

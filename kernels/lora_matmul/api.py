@@ -17,20 +17,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kernels import dispatch
 from kernels.lora_matmul import reference, vjp
 
-IMPLS = ("auto", "xla", "pallas", "interpret")
+IMPLS = dispatch.IMPLS
 
 
 def resolve_impl(impl: str | None) -> str:
-  """The concrete impl ("xla", "pallas" or "interpret") for `impl`; a ValueError names unknown ones."""
-  if impl is None:
-    impl = "auto"
-  if impl not in IMPLS:
-    raise ValueError(f"unknown lora_matmul impl {impl!r}; expected None or one of {IMPLS}")
-  if impl == "auto":
-    return "xla"  # no measured win on any backend yet (see the module docstring)
-  return impl
+  """The concrete impl ("xla", "pallas" or "interpret") for `impl`; a ValueError names unknown ones.
+
+  "auto" is "xla" on every backend: no measured win for the kernel yet (see the module docstring)."""
+  return dispatch.resolve_impl(impl, "lora_matmul", pallas_on_accelerators=False)
 
 
 def lora_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: Any, rank: Any = None,

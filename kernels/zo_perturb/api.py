@@ -11,21 +11,16 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from kernels import dispatch
 from kernels.zo_perturb import pallas_perturb, reference
 
-IMPLS = ("auto", "xla", "pallas", "interpret")
+IMPLS = dispatch.IMPLS
 KINDS = reference.KINDS
 
 
 def resolve_impl(impl: str | None) -> str:
   """The concrete impl ("xla", "pallas" or "interpret") for `impl`; a ValueError names unknown ones."""
-  if impl is None:
-    impl = "auto"
-  if impl not in IMPLS:
-    raise ValueError(f"unknown zo_perturb impl {impl!r}; expected None or one of {IMPLS}")
-  if impl == "auto":
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-  return impl
+  return dispatch.resolve_impl(impl, "zo_perturb", pallas_on_accelerators=True)
 
 
 def perturb(x: jax.Array, key: jax.Array, scale: Any, kind: str = "gaussian", impl: str | None = None) -> jax.Array:
